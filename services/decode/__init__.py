@@ -1,0 +1,1 @@
+"""skybus: services.decode."""

@@ -1,0 +1,78 @@
+"""In-memory view of one Basic Calibrated Data frame (BCD + uncertainty + status mask).
+
+Mosaic and extract work on these, whoever made the files: skybus's calibrate, the SSC
+archive, or another tool writing Spitzer-format BCDs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+
+
+@dataclass(frozen=True, slots=True)
+class BCDFrame:
+    """One calibrated frame: surface brightness, its 1-sigma uncertainty and its status mask.
+
+    `data` and `unc` are float32 in the unit of `header['BUNIT']` (MJy/sr for Spitzer);
+    `mask` holds the status bits (bbmsk / bmask); `header` carries the TAN(-SIP) WCS and the
+    mission keywords (AORKEY, EXPID, DCENUM, CHNLNUM, EXPTIME ...). `key` names the object in
+    the store that the frame came from (provenance), empty for frames made in memory.
+    """
+
+    data: np.ndarray
+    unc: np.ndarray
+    mask: np.ndarray
+    header: fits.Header
+    key: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def wcs(self) -> WCS:
+        return WCS(self.header, relax=True)
+
+    @property
+    def dcenum(self) -> int:
+        return int(self.header.get("DCENUM", -1))
+
+    @property
+    def channel(self) -> int:
+        return int(self.header.get("CHNLNUM", 0))
+
+    @property
+    def exptime_s(self) -> float:
+        return float(self.header.get("EXPTIME", 0.0))
+
+    @classmethod
+    def from_hdus(
+        cls,
+        bcd: fits.HDUList,
+        bunc: fits.HDUList | None = None,
+        mask: fits.HDUList | None = None,
+        *,
+        key: str = "",
+    ) -> BCDFrame:
+        """Build a frame from opened FITS files; a missing uncertainty is estimated from the
+        frame's robust scatter, a missing mask is all zero."""
+        header = bcd[0].header.copy()
+        data = np.asarray(bcd[0].data, dtype=np.float32)
+        if data.ndim != 2:
+            raise ValueError(f"BCD image must be 2-D, got shape {data.shape}")
+        if bunc is not None:
+            unc = np.asarray(bunc[0].data, dtype=np.float32)
+        else:
+            finite = data[np.isfinite(data)]
+            mad = np.median(np.abs(finite - np.median(finite))) if finite.size else 1.0
+            unc = np.full(data.shape, max(1.4826 * float(mad), 1e-12), dtype=np.float32)
+        if mask is not None:
+            m = np.asarray(mask[0].data).astype(np.int64) & 0xFFFF
+        else:
+            m = np.zeros(data.shape, dtype=np.int64)
+        if unc.shape != data.shape or m.shape != data.shape:
+            raise ValueError(
+                f"BCD, uncertainty and mask shapes differ: {data.shape}, {unc.shape}, {m.shape}"
+            )
+        return cls(data=data, unc=unc, mask=m.astype(np.int32), header=header, key=key)

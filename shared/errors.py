@@ -1,0 +1,40 @@
+"""Outcome taxonomy: what a service raises, and what the runtime does next.
+
+| raise            | when                                            | the runtime then              |
+|------------------|-------------------------------------------------|-------------------------------|
+| `Skip`           | nothing to do for this message (by design)      | ack; log the reason           |
+| `BadData`        | input that can never succeed (corrupt, invalid)  | dead-letter with reason; term |
+| `Transient`      | a dependency failed for now (store, bus)         | nak with back-off; retry      |
+| any other error  | a bug                                            | log with traceback; nak with  |
+|                  |                                                 | back-off; dead-letter after   |
+|                  |                                                 | `max_deliver` attempts        |
+
+Science code raises `ValueError` (or a subclass) for bad input; the service boundary turns it
+into `BadData`. Only the runtime catches.
+"""
+
+from __future__ import annotations
+
+
+class SkybusError(Exception):
+    """Base of skybus's own errors."""
+
+
+class Skip(SkybusError):
+    """Nothing to do for this message; it is acknowledged and the reason logged."""
+
+
+class BadData(SkybusError):
+    """The input can never be processed: it goes to the dead-letter subject with this reason."""
+
+
+class Transient(SkybusError):
+    """A temporary failure: the message is retried after a back-off."""
+
+
+class ConfigError(SkybusError):
+    """Wrong configuration, found at start-up; the message names the field."""
+
+
+class StoreKeyError(ValueError):
+    """An object-store key that is not allowed (absolute, `..`, empty parts)."""

@@ -1,0 +1,41 @@
+"""FITS in and out of the store: bytes <-> HDUList, checksums, provenance records."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+
+from astropy.io import fits
+
+from shared.messages import utcnow
+
+CREATOR = "skybus 0.1.0"
+
+
+def to_bytes(hdul: fits.HDUList) -> bytes:
+    """Serialise with CHECKSUM/DATASUM cards (astropy and fitsverify check them)."""
+    buf = io.BytesIO()
+    hdul.writeto(buf, checksum=True, output_verify="exception")
+    return buf.getvalue()
+
+
+def open_bytes(data: bytes) -> fits.HDUList:
+    """Open FITS bytes fully in memory; raises ValueError with a readable reason if corrupt."""
+    try:
+        hdul = fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False)
+        for hdu in hdul:
+            _ = hdu.data  # force reading now, so truncation shows here and not later
+    except (OSError, TypeError, IndexError, KeyError) as exc:
+        raise ValueError(f"not a readable FITS file ({exc}); check the file is complete") from exc
+    if len(hdul) == 0:
+        raise ValueError("FITS file has no HDU")
+    return hdul
+
+
+def add_provenance(header: fits.Header, *, step: str, parents: Iterable[str], creator: str = CREATOR) -> None:
+    """Record who made the product, when, and from which inputs (HISTORY, one line each)."""
+    header["CREATOR"] = (creator, "software that wrote this file")
+    header["DATE"] = (utcnow()[:19], "UTC time the file was written")
+    header.add_history(f"{creator} {step} {utcnow()[:19]}")
+    for key in parents:
+        header.add_history(f"input: {key}")
