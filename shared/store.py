@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import obstore
+import obstore.exceptions
 from obstore.store import LocalStore, MemoryStore, S3Store
 
 from shared.errors import StoreKeyError, Transient
@@ -77,12 +78,15 @@ class ObjectStore:
     def __repr__(self) -> str:
         return f"ObjectStore({self.url!r})"
 
-    async def put(self, key: str, data: bytes, *, role: str = "primary", name: str = "") -> StoredObject:
+    async def put(
+        self, key: str, data: bytes, *, role: str = "primary", name: str = ""
+    ) -> StoredObject:
         """Write `data` at `key` (overwriting: keys are deterministic, rewrites are idempotent)."""
         validate_key(key)
         try:
             await obstore.put_async(self._store, key, data)
-        except (OSError, RuntimeError) as exc:  # network or disk trouble: try again later
+        except (OSError, RuntimeError, obstore.exceptions.BaseError) as exc:
+            # network, disk or permission trouble: try again later
             raise Transient(f"store put {key}: {exc}") from exc
         return StoredObject(key=key, size=len(data), sha256=sha256_hex(data), role=role, name=name)
 
@@ -108,10 +112,15 @@ class ObjectStore:
 
     async def list(self, prefix: str = "") -> list[str]:
         """All keys under `prefix`, sorted."""
+        if prefix:
+            validate_key(prefix.rstrip("/"))
         keys: list[str] = []
-        stream = obstore.list(self._store, prefix=prefix or None)
-        async for batch in stream:
-            keys.extend(str(meta["path"]) for meta in batch)
+        try:
+            stream = obstore.list(self._store, prefix=prefix or None)
+            async for batch in stream:
+                keys.extend(str(meta["path"]) for meta in batch)
+        except (OSError, RuntimeError, obstore.exceptions.BaseError) as exc:
+            raise Transient(f"store list {prefix!r}: {exc}") from exc
         return sorted(keys)
 
     async def verify(self, obj: StoredObject) -> bool:
