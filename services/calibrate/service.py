@@ -1,0 +1,145 @@
+"""Calibrate: raw products -> calibrated products (MIPS BCD + bunc + bbmsk/bmask + fbcd;
+TAUVEX Level 1b..1g). Scales out horizontally: replicas share one durable consumer.
+
+Consumes `skybus.decoded.>`; publishes `skybus.calibrated.<instrument>.<type>`. MIPS 24 um is
+calibrated per DCE; Ge (70/160 um) per AOR and channel, once every DCE of the group has
+arrived (the stim flashes that track the responsivity are spread over the AOR).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from shared import fitsio
+from shared.errors import Skip
+from shared.messages import Envelope, Group, ObsId, ProductRef
+from shared.runtime import Context, ProductFile, ProductOut, Service
+from shared.subjects import Level
+
+
+class CalibrateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Calibrate parameters (env SKYBUS_CALIBRATE_<FIELD>, or --set field=value)."""
+
+    #: MIPS DCENUM 0 response depression, fraction (first-frame effect, seed 001: 10-15%).
+    first_dce_depression: float = 0.12
+    #: MIPS DCENUM 1..2 response depression, fraction (~2%).
+    early_dce_depression: float = 0.02
+    #: TAUVEX levels kept in the store (1a comes from decode; 1g is needed by mosaic).
+    tauvex_keep_levels: tuple[str, ...] = ("1g",)
+
+
+class CalibrateService(Service):
+    name = "calibrate"
+    Config = CalibrateConfig
+
+    def __init__(self, config: CalibrateConfig) -> None:
+        self.config = config
+        self._cal_cache: dict[tuple[int, tuple[tuple[str, str], ...]], object] = {}
+
+    async def handle(self, message: Envelope, ctx: Context) -> None:
+        if not isinstance(message, ProductRef):
+            raise Skip(f"calibrate takes product references, not {type(message).__name__}")
+        kind = (message.instrument, message.product_type)
+        if kind == ("MIPS", "raw") and message.obs.channel == 1:
+            await self._mips24(message, ctx)
+        elif kind == ("MIPS", "raw"):
+            await self._mips_ge(message, ctx)
+        elif kind == ("TAUVEX", "level1a"):
+            await self._tauvex(message, ctx)
+        else:
+            raise Skip(f"nothing to calibrate for {message.instrument} {message.product_type}")
+
+    # --- MIPS -----------------------------------------------------------------------------
+
+    def _mips_config(self) -> object:
+        from services.calibrate.mips.config import MipsCalibrateConfig
+
+        return MipsCalibrateConfig(first_dce_depression=self.config.first_dce_depression,
+                                   early_dce_depression=self.config.early_dce_depression)
+
+    async def _calibration(self, channel: int, ctx: Context) -> object:
+        from services.calibrate.mips.calfiles import MipsCalibration
+
+        keys = await ctx.calibration.lookup("MIPS", channel)
+        cache_key = (channel, tuple(sorted(keys.items())))
+        if cache_key not in self._cal_cache:
+            hdus = [await ctx.read_fits(k) for k in keys.values()]
+            names = {i: k.rsplit("/", 1)[-1] for i, k in enumerate(keys.values())}
+            self._cal_cache[cache_key] = MipsCalibration.from_hdus(hdus, names=names)
+        return self._cal_cache[cache_key]
+
+    async def _emit_bcd(self, products: object, ctx: Context, *, version: int, group: Group | None,
+                        parents: tuple[str, ...], meta: dict[str, str | int | float | bool]) -> None:
+        from services.calibrate.mips.bcd import BCDProducts, mask_kind
+
+        assert isinstance(products, BCDProducts)
+        ch = products.channel
+        files = [ProductFile.fits("bcd", products.names["bcd"], products.bcd),
+                 ProductFile.fits("bunc", products.names["bunc"], products.bunc),
+                 ProductFile.fits("mask", products.names[mask_kind(ch)], products.mask)]
+        if products.fbcd is not None:
+            files.append(ProductFile.fits("fbcd", products.names["fbcd"], products.fbcd))
+        for f in (products.bcd, products.bunc, products.mask):
+            fitsio.add_provenance(f[0].header, step="calibrate", parents=parents)
+        await ctx.emit(ProductOut(
+            instrument="MIPS", level=Level.CALIBRATED, product_type="bcd",
+            obs=ObsId(aorkey=products.aorkey, channel=ch, expid=products.expid,
+                      dcenum=products.dcenum),
+            files=files, subdir=f"aor{products.aorkey}/ch{ch}", version=version,
+            parents=parents, group=group, meta=meta))
+
+    async def _mips24(self, ref: ProductRef, ctx: Context) -> None:
+        from services.calibrate.mips.pipeline import calibrate_mips24_dce
+
+        raw = await ctx.read_fits(ref.key)
+        cal = await self._calibration(1, ctx)
+        o = ref.obs
+        version = await ctx.version(f"MIPS.bcd.{o.aorkey}.1.{o.expid}.{o.dcenum}")
+        products = await ctx.run(calibrate_mips24_dce, raw, cal, self._mips_config(),
+                                 creator=fitsio.CREATOR, version=version)
+        group = ref.group and Group(f"MIPS-{o.aorkey}-ch1-bcd", ref.group.index, ref.group.count)
+        await self._emit_bcd(products, ctx, version=version, group=group, parents=(ref.key,),
+                             meta=ref.meta)
+
+    async def _mips_ge(self, ref: ProductRef, ctx: Context) -> None:
+        from services.calibrate.mips.pipeline import calibrate_ge_group
+
+        if ref.group is None:
+            raise Skip("a Ge raw DCE without its AOR group cannot be calibrated (stims needed)")
+        arrival = await ctx.arrive(ref.group, version=ref.version, member_key=ref.key)
+        if not arrival.trigger:
+            raise Skip(f"waiting for the AOR: {len(arrival.members)}/{ref.group.count} DCEs")
+        keys = [arrival.members[i] for i in sorted(arrival.members)]
+        raws = [await ctx.read_fits(k) for k in keys]
+        o = ref.obs
+        cal = await self._calibration(int(o.channel or 0), ctx)
+        version = await ctx.version(f"MIPS.bcdgroup.{o.aorkey}.{o.channel}")
+        results = await ctx.run(calibrate_ge_group, raws, cal, self._mips_config(),
+                                creator=fitsio.CREATOR, version=version)
+        for index, products in enumerate(results):
+            await self._emit_bcd(
+                products, ctx, version=version,
+                group=Group(f"MIPS-{o.aorkey}-ch{o.channel}-bcd", index, len(results)),
+                parents=tuple(keys), meta=ref.meta)
+        ctx.group_done_after_publish(ref.group.id, ref.version)
+
+    # --- TAUVEX ---------------------------------------------------------------------------
+
+    async def _tauvex(self, ref: ProductRef, ctx: Context) -> None:
+        from services.calibrate.tauvex.chain import run_chain
+        from shared.instruments import tauvex as tv
+
+        level1a = await ctx.read_fits(ref.key)
+        scan, tele = ref.obs.scan or 0, ref.obs.telescope or 0
+        levels = await ctx.run(run_chain, level1a, keep_levels=tuple(self.config.tauvex_keep_levels))
+        for level, hdul in levels.items():
+            fitsio.add_provenance(hdul[0].header, step=f"calibrate {level}", parents=(ref.key,))
+            name = tv.product_name(level, scan=scan, telescope=tele, version=ref.version)
+            await ctx.emit(ProductOut(
+                instrument="TAUVEX", level=Level.CALIBRATED, product_type=f"level{level}",
+                obs=ref.obs, files=[ProductFile.fits(f"level{level}", name, hdul)],
+                subdir=f"scan{scan:04d}", version=ref.version, parents=(ref.key,),
+                group=Group(f"TAUVEX-{scan}-level{level}", tele - 1, 3)))
+
+
+SERVICE = CalibrateService

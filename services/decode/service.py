@@ -1,0 +1,74 @@
+"""Decode: telemetry chunks -> raw products (MIPS raw DCE FITS, TAUVEX Level 1a event tables).
+
+Consumes `skybus.telemetry.>`; publishes `skybus.decoded.<instrument>.<type>`. A chunk that
+cannot be decoded is dead-lettered with the reason; it never blocks the chunks behind it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from shared import fitsio
+from shared.errors import Skip
+from shared.messages import Envelope, ObsId, ProductRef
+from shared.runtime import Context, ProductFile, ProductOut, Service
+from shared.subjects import Level
+
+
+class DecodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Decode has no tunables yet; unknown fields are an error."""
+
+
+class DecodeService(Service):
+    name = "decode"
+    Config = DecodeConfig
+
+    def __init__(self, config: DecodeConfig) -> None:
+        self.config = config
+
+    async def handle(self, message: Envelope, ctx: Context) -> None:
+        if not isinstance(message, ProductRef):
+            raise Skip(f"decode takes product references, not {type(message).__name__}")
+        if (message.instrument, message.product_type) == ("MIPS", "dce"):
+            await self._mips_dce(message, ctx)
+        elif (message.instrument, message.product_type) == ("TAUVEX", "level1"):
+            await self._tauvex_level1(message, ctx)
+        else:
+            raise Skip(f"no decoder for {message.instrument} {message.product_type}")
+
+    async def _mips_dce(self, ref: ProductRef, ctx: Context) -> None:
+        from services.decode.mips.decode import decode_dce, raw_product_name
+
+        chunk = await ctx.read(ref.key)
+        raw = await ctx.run(decode_dce, chunk)
+        fitsio.add_provenance(raw[0].header, step="decode", parents=(ref.key,))
+        name = raw_product_name(raw[0].header, ref.version)
+        await ctx.emit(ProductOut(
+            instrument="MIPS", level=Level.DECODED, product_type="raw", obs=ref.obs,
+            files=[ProductFile.fits("raw", name, raw)],
+            subdir=f"aor{ref.obs.aorkey}/ch{ref.obs.channel}",
+            version=ref.version, parents=(ref.key,),
+            group=ref.group and type(ref.group)(ref.group.id.replace("-dce", "-raw"),
+                                                ref.group.index, ref.group.count),
+            meta=ref.meta,
+        ))
+
+    async def _tauvex_level1(self, ref: ProductRef, ctx: Context) -> None:
+        from services.decode.tauvex.level1a import make_level1a
+        from shared.instruments import tauvex as tv
+
+        obs = tv.Level1Observation.from_hdulist(await ctx.read_fits(ref.key))
+        products = await ctx.run(make_level1a, obs)
+        scan = ref.obs.scan or 0
+        for tele, hdul in sorted(products.items()):
+            fitsio.add_provenance(hdul[0].header, step="decode", parents=(ref.key,))
+            name = tv.product_name("1a", scan=scan, telescope=tele, version=ref.version)
+            await ctx.emit(ProductOut(
+                instrument="TAUVEX", level=Level.DECODED, product_type="level1a",
+                obs=ObsId(scan=scan, telescope=tele),
+                files=[ProductFile.fits("level1a", name, hdul)],
+                subdir=f"scan{scan:04d}", version=ref.version, parents=(ref.key,),
+            ))
+
+
+SERVICE = DecodeService

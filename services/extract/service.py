@@ -1,0 +1,176 @@
+"""Extract: mosaics -> per-band point-source lists, then band-merged lists with upper limits.
+
+Consumes `skybus.mosaicked.>`; publishes `skybus.sources.<instrument>.<type>`: `sources` per
+band (IPAC .tbl + FITS table) as soon as a band's mosaic arrives, `bandmerged` once every band
+of the AOR (or TAUVEX scan) has its mosaic; a band without a detection gets an upper limit
+measured from its underlying frames.
+"""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+from astropy.table import Table
+
+from shared import fitsio
+from shared.bcd import BCDFrame
+from shared.errors import Skip
+from shared.instruments import mips
+from shared.messages import Envelope, ObsId, ProductRef
+from shared.runtime import Context, ProductFile, ProductOut, Service
+from shared.subjects import Level
+
+
+class ExtractConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Extract parameters (env SKYBUS_EXTRACT_<FIELD>, or --set field=value)."""
+
+    detect_sigma: float = 5.0  #: detection threshold, sigma of the matched-filter map
+    upper_limit_sigma: float = 3.0  #: n-sigma of band-merged upper limits
+
+
+def band_name(instrument: str, channel: int) -> str:
+    if instrument == "MIPS" and channel in mips.BANDS:
+        return mips.BANDS[channel].name
+    return f"{instrument.lower()}{channel}"
+
+
+class ExtractService(Service):
+    name = "extract"
+    Config = ExtractConfig
+
+    def __init__(self, config: ExtractConfig) -> None:
+        self.config = config
+
+    async def handle(self, message: Envelope, ctx: Context) -> None:
+        if not isinstance(message, ProductRef):
+            raise Skip(f"extract takes product references, not {type(message).__name__}")
+        if message.product_type == "maic":
+            await self._post_bcd(message, ctx)
+        elif message.instrument == "TAUVEX" and message.product_type == "level2":
+            await self._tauvex(message, ctx)
+        else:
+            raise Skip(f"extract does not use {message.instrument} {message.product_type}")
+
+    async def _frames(self, manifest_key: str, ctx: Context) -> list[BCDFrame]:
+        """The BCD frames a mosaic was made from (its frames manifest)."""
+        if not manifest_key:
+            return []
+        frames = []
+        for m in json.loads(await ctx.read(manifest_key))["frames"]:
+            bunc = await ctx.read_fits(m["bunc"]) if m["bunc"] else None
+            mask = await ctx.read_fits(m["mask"]) if m["mask"] else None
+            frames.append(BCDFrame.from_hdus(await ctx.read_fits(m["key"]), bunc, mask, key=m["key"]))
+        return frames
+
+    async def _post_bcd(self, ref: ProductRef, ctx: Context) -> None:
+        from services.extract.photometry import extract_sources
+        from services.extract.tables import to_fits_hdulist, to_ipac_bytes
+
+        inst, ch, aor = ref.instrument, int(ref.obs.channel or 0), int(ref.obs.aorkey or 0)
+        maic = await ctx.read_fits(ref.key)
+        unc_obj, cov_obj = ref.file("munc"), ref.file("mcov")
+        unc = (await ctx.read_fits(unc_obj.key))[0].data if unc_obj else None
+        cov = (await ctx.read_fits(cov_obj.key))[0].data if cov_obj else None
+        header = maic[0].header
+        band = band_name(inst, ch)
+        table: Table = await ctx.run(
+            extract_sources, maic[0].data, unc, cov, header, fwhm_arcsec=None, band_name=band,
+            detect_sigma=self.config.detect_sigma)
+        stem = ref.key.rsplit("/", 1)[-1].removesuffix("_maic.fits")
+        version = ref.version
+        cards = {k: header[k] for k in ("TELESCOP", "INSTRUME", "CHNLNUM", "AORKEY") if k in header}
+        hdul = await ctx.run(to_fits_hdulist, table, cards)
+        fitsio.add_provenance(hdul[0].header, step="extract", parents=(ref.key,))
+        await ctx.emit(ProductOut(
+            instrument=inst, level=Level.SOURCES, product_type="sources",
+            obs=ObsId(aorkey=aor, channel=ch),
+            files=[ProductFile("tbl", f"{stem}_sources.tbl", await ctx.run(to_ipac_bytes, table)),
+                   ProductFile.fits("fits", f"{stem}_sources.fits", hdul)],
+            subdir=f"aor{aor}/ch{ch}", version=version, parents=(ref.key,),
+            meta={"n_sources": len(table), "band": band}))
+        if ref.group is None or ref.group.count < 2:
+            return
+        arrival = await ctx.arrive(ref.group, version=ref.version, member_key=json.dumps(
+            {"maic": ref.key, "frames": getattr(ref.file("frames"), "key", ""), "channel": ch,
+             "sources": ctx.outputs[-1].companions[0].key}))
+        if not arrival.trigger:
+            return
+        await self._bandmerge(ref, arrival.members, ctx)
+        ctx.group_done_after_publish(ref.group.id, ref.version)
+
+    async def _bandmerge(self, ref: ProductRef, members: dict[int, str], ctx: Context) -> None:
+        from services.extract.bandmerge import bandmerge
+        from services.extract.tables import from_fits_bytes, to_fits_hdulist, to_ipac_bytes
+
+        inst, aor = ref.instrument, int(ref.obs.aorkey or 0)
+        lists: dict[str, Table] = {}
+        frames_by_band: dict[str, list[BCDFrame]] = {}
+        parents = []
+        for i in sorted(members):
+            m = json.loads(members[i])
+            band = band_name(inst, int(m["channel"]))
+            lists[band] = from_fits_bytes(await ctx.read(m["sources"]))
+            frames_by_band[band] = await self._frames(m["frames"], ctx)
+            parents.append(m["sources"])
+        merged: Table = await ctx.run(bandmerge, lists, frames_by_band=frames_by_band,
+                                      nsigma=self.config.upper_limit_sigma)
+        version = await ctx.version(f"{inst}.bandmerged.{aor}")
+        name = f"SPITZER_{inst[0]}_{aor}_{version}_bandmerged"
+        hdul = await ctx.run(to_fits_hdulist, merged, {"AORKEY": aor, "INSTRUME": inst})
+        fitsio.add_provenance(hdul[0].header, step="bandmerge", parents=parents)
+        await ctx.emit(ProductOut(
+            instrument=inst, level=Level.SOURCES, product_type="bandmerged",
+            obs=ObsId(aorkey=aor),
+            files=[ProductFile("tbl", f"{name}.tbl", await ctx.run(to_ipac_bytes, merged)),
+                   ProductFile.fits("fits", f"{name}.fits", hdul)],
+            subdir=f"aor{aor}", version=version, parents=tuple(parents),
+            meta={"n_sources": len(merged), "bands": ",".join(lists)}))
+
+    async def _tauvex(self, ref: ProductRef, ctx: Context) -> None:
+        from services.extract.tauvex.sources import extract_level2, merge_filters
+        from services.extract.tables import to_fits_hdulist, to_ipac_bytes
+
+        scan, tele = ref.obs.scan or 0, ref.obs.telescope or 0
+        image = await ctx.read_fits(ref.key)
+        exp_obj = ref.file("exposure")
+        expmap = await ctx.read_fits(exp_obj.key) if exp_obj else None
+        table: Table = await ctx.run(extract_level2, image, expmap)
+        stem = ref.key.rsplit("/", 1)[-1].removesuffix(".fits")
+        hdul = await ctx.run(to_fits_hdulist, table, {"TELESCOP": "TAUVEX", "TELE_NUM": tele})
+        await ctx.emit(ProductOut(
+            instrument="TAUVEX", level=Level.SOURCES, product_type="sources", obs=ref.obs,
+            files=[ProductFile("tbl", f"{stem}_sources.tbl", await ctx.run(to_ipac_bytes, table)),
+                   ProductFile.fits("fits", f"{stem}_sources.fits", hdul)],
+            subdir=f"scan{scan:04d}", version=ref.version, parents=(ref.key,),
+            meta={"n_sources": len(table)}))
+        if ref.group is None:
+            return
+        arrival = await ctx.arrive(ref.group, version=ref.version, member_key=json.dumps(
+            {"image": ref.key, "exposure": exp_obj.key if exp_obj else "",
+             "sources": ctx.outputs[-1].companions[0].key, "telescope": tele}))
+        if not arrival.trigger:
+            return
+        from services.extract.tables import from_fits_bytes
+
+        per_tele = {}
+        for i in sorted(arrival.members):
+            m = json.loads(arrival.members[i])
+            per_tele[int(m["telescope"])] = (
+                from_fits_bytes(await ctx.read(m["sources"])),
+                await ctx.read_fits(m["image"]),
+                await ctx.read_fits(m["exposure"]) if m["exposure"] else None)
+        merged: Table = await ctx.run(merge_filters, per_tele, nsigma=self.config.upper_limit_sigma)
+        name = f"TAUVEX_S{scan:04d}_{ref.version}_bandmerged"
+        hdul = await ctx.run(to_fits_hdulist, merged, {"TELESCOP": "TAUVEX"})
+        await ctx.emit(ProductOut(
+            instrument="TAUVEX", level=Level.SOURCES, product_type="bandmerged",
+            obs=ObsId(scan=scan),
+            files=[ProductFile("tbl", f"{name}.tbl", await ctx.run(to_ipac_bytes, merged)),
+                   ProductFile.fits("fits", f"{name}.fits", hdul)],
+            subdir=f"scan{scan:04d}", version=ref.version, parents=(ref.key,),
+            meta={"n_sources": len(merged)}))
+        ctx.group_done_after_publish(ref.group.id, ref.version)
+
+
+SERVICE = ExtractService

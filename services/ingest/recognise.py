@@ -1,0 +1,160 @@
+"""What a submitted file is: MIPS telemetry, Spitzer archive FITS, calibration FITS, TAUVEX.
+
+Recognition goes by content first (FITS header keywords, telemetry sync patterns), then by
+the mission's file-naming rules; names alone are never trusted for FITS.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from astropy.io import fits
+
+from shared.instruments import tauvex as tv
+
+FITS_MAGIC = b"SIMPLE  ="
+CCSDS_VERSION_MASK = 0xE0
+
+#: Spitzer per-DCE name: SPITZER_<M|I|S><ch>_<aorkey>_<expid>_<dcenum>_<version>_<type>.fits
+SPITZER_NAME = re.compile(
+    r"^SPITZER_(?P<inst>[MIS])(?P<ch>\d)_(?P<aorkey>\d+)_(?P<expid>\d+)_(?P<dcenum>\d+)_"
+    r"(?P<version>\d+)_(?P<type>[a-z0-9]+)\.fits(?:\.gz)?$"
+)
+BCD_TYPES = {"bcd", "cbcd", "fbcd", "ebcd"}
+UNC_TYPES = {"bunc", "cbunc"}
+MASK_TYPES = {"bbmsk", "bmask", "bimsk", "brmsk"}
+RAW_TYPES = {"raw", "dce"}
+INSTRUMENT_LETTER = {"M": "MIPS", "I": "IRAC", "S": "IRS"}
+
+
+class InputKind(enum.StrEnum):
+    CALIBRATION = "calibration"
+    SPITZER_FITS = "spitzer_fits"
+    MIPS_TELEMETRY = "mips_telemetry"
+    TAUVEX_LEVEL0 = "tauvex_level0"
+    TAUVEX_ATTITUDE = "tauvex_attitude"
+
+
+def safe_name(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    return cleaned.lstrip(".") or "file"
+
+
+def _primary_header(data: bytes) -> fits.Header:
+    try:
+        with fits.open(io.BytesIO(data), memmap=False) as hdul:
+            return hdul[0].header.copy()
+    except (OSError, ValueError, IndexError) as exc:
+        raise ValueError(f"FITS header cannot be read ({exc}); is the file complete?") from exc
+
+
+def classify(name: str, data: bytes) -> tuple[InputKind, fits.Header | None]:
+    """Recognise a submitted file; raises ValueError saying what was expected."""
+    if not data:
+        raise ValueError("file is empty")
+    if data.startswith(FITS_MAGIC):
+        header = _primary_header(data)
+        if "CALTYPE" in header:
+            return InputKind.CALIBRATION, header
+        if str(header.get("TELESCOP", "")).upper() == tv.TELESCOP or "ATTITUDE" in name.upper():
+            with fits.open(io.BytesIO(data), memmap=False) as hdul:
+                names = {h.name.upper() for h in hdul}
+            if names & {"ATTITUDE", "HOUSEKEEPING"} or "ATTITUDE" in name.upper():
+                return InputKind.TAUVEX_ATTITUDE, header
+        if str(header.get("TELESCOP", "")).lower().startswith("spitzer") or SPITZER_NAME.match(name):
+            return InputKind.SPITZER_FITS, header
+        raise ValueError(
+            "FITS file not recognised: expected a Spitzer raw/BCD product (TELESCOP='Spitzer'), "
+            "a calibration file (CALTYPE keyword) or a TAUVEX attitude table"
+        )
+    if tv.SYNC_WORD in data[: 4 * tv.FRAME_BYTES]:
+        return InputKind.TAUVEX_LEVEL0, None
+    # CCSDS space packets: version bits 000 and a telecommand/telemetry header
+    if len(data) >= 6 and data[0] & CCSDS_VERSION_MASK == 0:
+        return InputKind.MIPS_TELEMETRY, None
+    raise ValueError(
+        "unrecognised input: not FITS, not CCSDS telemetry (MIPS) and no TAUVEX sync word; "
+        "see `skybus run --help` for what can be submitted"
+    )
+
+
+@dataclass(slots=True)
+class SpitzerMember:
+    """One per-DCE product with its companion files (role -> file name)."""
+
+    primary: str
+    kind: str
+    expid: int
+    dcenum: int
+    companions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SpitzerProblem:
+    name: str
+    reason: str
+
+
+@dataclass(slots=True)
+class SpitzerSets:
+    #: (instrument, channel, aorkey, "bcd"|"raw") -> members sorted by (expid, dcenum)
+    groups: dict[tuple[str, int, int, str], list[SpitzerMember]]
+    problems: list[SpitzerProblem]
+
+
+def _identity(name: str, header: fits.Header) -> tuple[str, int, int, int, int, str] | str:
+    """(instrument, channel, aorkey, expid, dcenum, type) from header, name as fallback."""
+    m = SPITZER_NAME.match(name)
+    inst = str(header.get("INSTRUME", "")).strip().upper() or (
+        INSTRUMENT_LETTER.get(m["inst"], "") if m else "")
+    try:
+        channel = int(header.get("CHNLNUM", m["ch"] if m else -1))
+        aorkey = int(header.get("AORKEY", m["aorkey"] if m else -1))
+        expid = int(header.get("EXPID", m["expid"] if m else -1))
+        dcenum = int(header.get("DCENUM", m["dcenum"] if m else -1))
+    except (TypeError, ValueError) as exc:
+        return f"bad identity keyword ({exc})"
+    kind = m["type"] if m else ("bcd" if str(header.get("BUNIT", "")).startswith("MJy") else "raw")
+    if not inst or min(channel, aorkey, expid, dcenum) < 0:
+        return ("missing identity: need INSTRUME, CHNLNUM, AORKEY, EXPID, DCENUM in the header "
+                "or a Spitzer file name")
+    return inst, channel, aorkey, expid, dcenum, kind
+
+
+def group_spitzer_files(files: list[tuple[str, fits.Header | None]]) -> SpitzerSets:
+    """Group archive files per AOR + channel; attach bunc/mask companions to their BCD."""
+    problems: list[SpitzerProblem] = []
+    primaries: dict[tuple[str, int, int, int, int, str], SpitzerMember] = {}
+    companions: list[tuple[tuple[str, int, int, int, int], str, str]] = []
+    for name, header in files:
+        ident = _identity(name, header if header is not None else fits.Header())
+        if isinstance(ident, str):
+            problems.append(SpitzerProblem(name, f"{name}: {ident}"))
+            continue
+        inst, ch, aor, expid, dce, kind = ident
+        if kind in BCD_TYPES - {"fbcd", "ebcd"} or kind in RAW_TYPES:
+            level = "bcd" if kind in BCD_TYPES else "raw"
+            primaries[(inst, ch, aor, expid, dce, level)] = SpitzerMember(name, kind, expid, dce)
+        elif kind in UNC_TYPES:
+            companions.append(((inst, ch, aor, expid, dce), "bunc", name))
+        elif kind in MASK_TYPES - {"brmsk"}:
+            companions.append(((inst, ch, aor, expid, dce), "mask", name))
+        else:
+            problems.append(SpitzerProblem(name, f"{name}: product type '{kind}' is not used by "
+                                                 "the pipeline (skipped)"))
+    for (inst, ch, aor, expid, dce), role, name in companions:
+        member = primaries.get((inst, ch, aor, expid, dce, "bcd"))
+        if member is None:
+            problems.append(SpitzerProblem(name, f"{name}: {role} without its BCD (skipped)"))
+        else:
+            member.companions[role] = name
+    groups: dict[tuple[str, int, int, str], list[SpitzerMember]] = defaultdict(list)
+    for (inst, ch, aor, _e, _d, level), member in primaries.items():
+        groups[(inst, ch, aor, level)].append(member)
+    for members in groups.values():
+        members.sort(key=lambda m: (m.expid, m.dcenum))
+    return SpitzerSets(dict(groups), problems)

@@ -1,0 +1,177 @@
+"""Ingest: submitted files -> telemetry chunks per observation (or archive products at their level).
+
+Consumes `skybus.input.>` (Submission: files placed in the store). Recognises each file:
+MIPS CCSDS telemetry (split per DCE), Spitzer archive FITS (raw or BCD, entered at their
+level, grouped per AOR and channel), calibration FITS (registered for calibrate), TAUVEX
+Level 0 + attitude (Level 1 observations). A file that cannot be used is dead-lettered with the
+reason; the other files of the submission go on.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import msgspec
+from astropy.io import fits
+
+from services.ingest import recognise
+from services.ingest.recognise import InputKind
+from shared import fitsio
+from shared.errors import Skip
+from shared.messages import Envelope, Group, ObsId, StoredObject, Submission
+from shared.runtime import Context, ProductFile, ProductOut, Service
+from shared.subjects import Level
+
+
+class IngestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Ingest has no tunables yet; unknown fields are an error."""
+
+
+@dataclass(slots=True)
+class _Input:
+    obj: StoredObject
+    data: bytes
+    kind: InputKind
+    header: fits.Header | None
+
+
+class IngestService(Service):
+    name = "ingest"
+    Config = IngestConfig
+
+    def __init__(self, config: IngestConfig) -> None:
+        self.config = config
+
+    async def handle(self, message: Envelope, ctx: Context) -> None:
+        if not isinstance(message, Submission):
+            raise Skip(f"ingest takes submissions, not {type(message).__name__}")
+        inputs: list[_Input] = []
+        for obj in message.files:
+            data = await ctx.read(obj.key)
+            try:
+                kind, header = await ctx.run(recognise.classify, obj.name, data)
+            except ValueError as exc:
+                ctx.dead_letter(f"{obj.name}: {exc}", item=obj.name)
+                continue
+            inputs.append(_Input(obj, data, kind, header))
+        by_kind: dict[InputKind, list[_Input]] = defaultdict(list)
+        for item in inputs:
+            by_kind[item.kind].append(item)
+        for item in by_kind[InputKind.CALIBRATION]:
+            await self._calibration(item, ctx)
+        await self._spitzer_fits(by_kind[InputKind.SPITZER_FITS], ctx)
+        for item in by_kind[InputKind.MIPS_TELEMETRY]:
+            await self._mips_telemetry(item, ctx)
+        await self._tauvex(by_kind[InputKind.TAUVEX_LEVEL0], by_kind[InputKind.TAUVEX_ATTITUDE], ctx)
+
+    async def _calibration(self, item: _Input, ctx: Context) -> None:
+        header = item.header
+        assert header is not None
+        instrument = str(header.get("INSTRUME", "UNKNOWN")).upper()
+        channel = int(header.get("CHNLNUM", 0))
+        caltype = str(header["CALTYPE"]).upper()
+        key = f"calibration/{instrument.lower()}/ch{channel}/{recognise.safe_name(item.obj.name)}"
+        await ctx.store.put(key, item.data, role="calibration", name=item.obj.name)
+        await ctx.calibration.register(instrument, channel, caltype, key)
+        ctx.log.info("calibration_registered", instrument=instrument, channel=channel,
+                     caltype=caltype, key=key)
+
+    async def _spitzer_fits(self, items: list[_Input], ctx: Context) -> None:
+        """Archive FITS enter at their level; BCDs are grouped per AOR + channel with their
+        uncertainty and mask companions (matched by file stem)."""
+        sets = recognise.group_spitzer_files([(i.obj.name, i.header) for i in items])
+        by_name = {i.obj.name: i for i in items}
+        for problem in sets.problems:
+            ctx.dead_letter(problem.reason, item=problem.name)
+        for (instrument, channel, aorkey, level), members in sets.groups.items():
+            group_id = f"{instrument}-{aorkey}-ch{channel}-{level}"
+            for index, member in enumerate(members):
+                primary = by_name[member.primary]
+                files = [ProductFile(member.kind, member.primary, primary.data)]
+                files += [ProductFile(role, name, by_name[name].data)
+                          for role, name in member.companions.items()]
+                identity = f"{instrument}.{level}.{aorkey}.{channel}.{member.expid}.{member.dcenum}"
+                version = await ctx.version(identity)
+                await ctx.emit(ProductOut(
+                    instrument=instrument,
+                    level=Level.CALIBRATED if level == "bcd" else Level.DECODED,
+                    product_type="bcd" if level == "bcd" else "raw",
+                    obs=ObsId(aorkey=aorkey, channel=channel, expid=member.expid,
+                              dcenum=member.dcenum),
+                    files=files,
+                    subdir=f"aor{aorkey}/ch{channel}/archive-v{version}",
+                    version=version,
+                    parents=(primary.obj.key,),
+                    group=Group(group_id, index, len(members)),
+                    meta={"origin": "archive"},
+                ))
+
+    async def _mips_telemetry(self, item: _Input, ctx: Context) -> None:
+        from services.ingest import mips
+
+        try:
+            split = await ctx.run(mips.split_aor_telemetry, item.data)
+        except ValueError as exc:
+            ctx.dead_letter(f"{item.obj.name}: {exc}", item=item.obj.name)
+            return
+        for problem in split.problems:
+            ctx.dead_letter(f"{item.obj.name}: {problem}", item=item.obj.name)
+        counts: dict[tuple[int, int], int] = defaultdict(int)
+        for chunk in split.chunks:
+            counts[(chunk.aorkey, chunk.channel)] += 1
+        index: dict[tuple[int, int], int] = defaultdict(int)
+        channels = sorted({c.channel for c in split.chunks})
+        for chunk in split.chunks:
+            g = (chunk.aorkey, chunk.channel)
+            identity = f"MIPS.dce.{chunk.aorkey}.{chunk.channel}.{chunk.expid}.{chunk.dcenum}"
+            version = await ctx.version(identity)
+            name = (f"MIPS_M{chunk.channel}_{chunk.aorkey}_{chunk.expid:04d}_{chunk.dcenum:04d}"
+                    f"_{version}_dce.tlm")
+            await ctx.emit(ProductOut(
+                instrument="MIPS", level=Level.TELEMETRY, product_type="dce",
+                obs=ObsId(aorkey=chunk.aorkey, channel=chunk.channel, expid=chunk.expid,
+                          dcenum=chunk.dcenum),
+                files=[ProductFile("dce", name, chunk.data)],
+                subdir=f"aor{chunk.aorkey}/ch{chunk.channel}",
+                version=version, parents=(item.obj.key,),
+                group=Group(f"MIPS-{chunk.aorkey}-ch{chunk.channel}-dce", index[g], counts[g]),
+                meta={"aor_channels": ",".join(map(str, channels))},
+            ))
+            index[g] += 1
+
+    async def _tauvex(self, level0: list[_Input], attitude: list[_Input], ctx: Context) -> None:
+        if not level0 and not attitude:
+            return
+        if len(attitude) != 1:
+            for item in level0 + attitude:
+                ctx.dead_letter(
+                    f"{item.obj.name}: TAUVEX needs exactly one attitude file beside the Level 0 "
+                    f"telemetry in a submission (got {len(attitude)}); submit them together",
+                    item=item.obj.name)
+            return
+        from services.ingest import tauvex
+
+        att = attitude[0]
+        for item in level0:
+            try:
+                result = await ctx.run(tauvex.level0_to_level1, item.data, att.data)
+            except ValueError as exc:
+                ctx.dead_letter(f"{item.obj.name}: {exc}", item=item.obj.name)
+                continue
+            for problem in result.problems:
+                ctx.dead_letter(f"{item.obj.name}: {problem}", item=item.obj.name)
+            for obs in result.observations:
+                identity = f"TAUVEX.level1.{obs.obs_id}"
+                version = await ctx.version(identity)
+                name = f"TAUVEX_L1_{obs.obs_id:04d}_{version}.fits"
+                data = await ctx.run(lambda o=obs: fitsio.to_bytes(o.to_hdulist()))
+                await ctx.emit(ProductOut(
+                    instrument="TAUVEX", level=Level.TELEMETRY, product_type="level1",
+                    obs=ObsId(scan=obs.obs_id), files=[ProductFile("level1", name, data)],
+                    subdir=f"scan{obs.obs_id:04d}", version=version,
+                    parents=(item.obj.key, att.obj.key),
+                ))
+
+
+SERVICE = IngestService

@@ -1,0 +1,135 @@
+"""Mosaic: calibrated frames -> post-BCD mosaics per AOR and band (MIPS, archive BCDs) and
+Level 2 images per scan (TAUVEX), each with uncertainty, coverage and a quick-look PNG.
+
+Consumes `skybus.calibrated.>`; waits (JetStream KV) until every member of a group has arrived,
+then builds the mosaic once; publishes `skybus.mosaicked.<instrument>.<type>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import msgspec
+
+from shared import fitsio
+from shared.bcd import BCDFrame
+from shared.errors import Skip
+from shared.instruments import mips
+from shared.messages import Envelope, Group, ProductRef
+from shared.runtime import Context, ProductFile, ProductOut, Service
+from shared.subjects import Level
+
+
+class MosaicConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Mosaic parameters (env SKYBUS_MOSAIC_<FIELD>, or --set field=value)."""
+
+    drop_first_dce: bool = True  #: skip DCENUM 0 frames (MOPEX default; first-frame effect)
+    self_flat: bool = False  #: divide frames by their own median flat first
+    match_background: bool = True  #: overlap: per-frame offsets, sum zero
+    outlier_sigma: float = 4.0  #: temporal outlier threshold (sigma)
+    pixel_arcsec: float = 0.0  #: output pixel; 0 = the band default (2.45/4/8" for MIPS)
+
+
+def ensemble_id(*parts: object) -> int:
+    """A stable 7-digit ensemble product id (Spitzer post-BCD names carry one)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()
+    return 1_000_000 + int(digest[:8], 16) % 9_000_000
+
+
+class MosaicService(Service):
+    name = "mosaic"
+    Config = MosaicConfig
+
+    def __init__(self, config: MosaicConfig) -> None:
+        self.config = config
+
+    async def handle(self, message: Envelope, ctx: Context) -> None:
+        if not isinstance(message, ProductRef):
+            raise Skip(f"mosaic takes product references, not {type(message).__name__}")
+        if message.product_type == "bcd":
+            await self._post_bcd(message, ctx)
+        elif message.instrument == "TAUVEX" and message.product_type == "level1g":
+            await self._tauvex_level2(message, ctx)
+        else:
+            raise Skip(f"mosaic does not use {message.instrument} {message.product_type}")
+
+    async def _post_bcd(self, ref: ProductRef, ctx: Context) -> None:
+        from services.mosaic.coadd import build_mosaic
+        from services.mosaic.pbcd import mosaic_hdus
+        from services.mosaic.quicklook import quicklook_png
+
+        if ref.group is None:
+            raise Skip("a BCD without a group (AOR + band) is not mosaicked")
+        member = json.dumps({"key": ref.key, "bunc": getattr(ref.file("bunc"), "key", ""),
+                             "mask": getattr(ref.file("mask"), "key", "")})
+        arrival = await ctx.arrive(ref.group, version=ref.version, member_key=member)
+        if not arrival.trigger:
+            raise Skip(f"waiting for the group: {len(arrival.members)}/{ref.group.count} BCDs")
+        members = [json.loads(arrival.members[i]) for i in sorted(arrival.members)]
+        frames = []
+        for m in members:
+            bunc = await ctx.read_fits(m["bunc"]) if m["bunc"] else None
+            mask = await ctx.read_fits(m["mask"]) if m["mask"] else None
+            frames.append(BCDFrame.from_hdus(await ctx.read_fits(m["key"]), bunc, mask, key=m["key"]))
+        c = self.config
+        mosaic = await ctx.run(
+            build_mosaic, frames, pixel_arcsec=c.pixel_arcsec or None,
+            drop_first_dce=c.drop_first_dce, self_flat=c.self_flat,
+            match_background=c.match_background, outlier_sigma=c.outlier_sigma)
+        o = ref.obs
+        inst, ch, aor = ref.instrument, int(o.channel or 0), int(o.aorkey or 0)
+        version = await ctx.version(f"{inst}.pbcd.{aor}.{ch}")
+        hdus = await ctx.run(mosaic_hdus, mosaic, template_header=frames[0].header,
+                             creator=fitsio.CREATOR)
+        ens = ensemble_id(inst, aor, ch)
+        letter = {"MIPS": "M", "IRAC": "I", "IRS": "S"}.get(inst, "X")
+
+        def name(kind: str, suffix: str = "fits") -> str:
+            if inst == "MIPS":
+                return mips.pbcd_name(ch, aor, 0, version, ens, kind, suffix)
+            return f"SPITZER_{letter}{ch}_{aor}_0000_{version}_E{ens}_{kind}.{suffix}"
+
+        parents = tuple(m["key"] for m in members)
+        for h in hdus.values():
+            fitsio.add_provenance(h[0].header, step="mosaic", parents=())
+        png = await ctx.run(quicklook_png, mosaic.image, title=f"{inst} ch{ch} AOR {aor}")
+        manifest = json.dumps({"frames": members}, indent=1).encode()
+        channels = [int(x) for x in str(ref.meta.get("aor_channels", ch)).split(",") if x]
+        await ctx.emit(ProductOut(
+            instrument=inst, level=Level.MOSAICKED, product_type="maic", obs=ref.obs.__class__(
+                aorkey=aor, channel=ch),
+            files=[ProductFile.fits("maic", name("maic"), hdus["maic"]),
+                   ProductFile.fits("munc", name("munc"), hdus["munc"]),
+                   ProductFile.fits("mcov", name("mcov"), hdus["mcov"]),
+                   ProductFile("quicklook", name("maic", "png"), png),
+                   ProductFile("frames", name("frames", "json"), manifest)],
+            subdir=f"aor{aor}/ch{ch}", version=version, parents=parents,
+            group=Group(f"{inst}-{aor}-mosaics-v{ref.version}",
+                        channels.index(ch) if ch in channels else 0, len(channels)),
+            meta={**ref.meta, "n_frames_used": mosaic.n_frames_used,
+                  "n_outliers": mosaic.n_outliers},
+        ))
+        ctx.group_done_after_publish(ref.group.id, ref.version)
+
+    async def _tauvex_level2(self, ref: ProductRef, ctx: Context) -> None:
+        from services.mosaic.tauvex.level2 import make_level2
+        from shared.instruments import tauvex as tv
+
+        level1g = await ctx.read_fits(ref.key)
+        scan, tele = ref.obs.scan or 0, ref.obs.telescope or 0
+        image, expmap, png = await ctx.run(make_level2, level1g)
+        for h in (image, expmap):
+            fitsio.add_provenance(h[0].header, step="mosaic level2", parents=(ref.key,))
+        base = tv.product_name("2", scan=scan, telescope=tele, version=ref.version)
+        stem = base.removesuffix(".fits")
+        await ctx.emit(ProductOut(
+            instrument="TAUVEX", level=Level.MOSAICKED, product_type="level2", obs=ref.obs,
+            files=[ProductFile.fits("image", base, image),
+                   ProductFile.fits("exposure", f"{stem}_exp.fits", expmap),
+                   ProductFile("quicklook", f"{stem}.png", png)],
+            subdir=f"scan{scan:04d}", version=ref.version, parents=(ref.key,),
+            group=Group(f"TAUVEX-{scan}-level2-v{ref.version}", tele - 1, 3)))
+
+
+SERVICE = MosaicService

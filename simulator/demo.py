@@ -1,0 +1,61 @@
+"""The demo data set: a MIPS 24+70 um photometry AOR and a TAUVEX drift scan, with truth.
+
+Inputs (what a telescope team would submit) go to `<dir>/inputs`, truth tables to
+`<dir>/truth`, so `skybus run <dir>/inputs` never sees the answers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from astropy.table import Table
+
+
+def write_demo_inputs(folder: Path) -> list[Path]:
+    """Simulate the demo observations; returns the input files written."""
+    from simulator import mips
+
+    inputs, truth = folder / "inputs", folder / "truth"
+    inputs.mkdir(parents=True, exist_ok=True)
+    truth.mkdir(parents=True, exist_ok=True)
+    cfg = mips.MipsAORConfig()
+    sim = mips.simulate_aor(cfg)
+    paths = [inputs / f"mips_aor_{cfg.aorkey}.tlm"]
+    paths[0].write_bytes(sim.telemetry)
+    for hdul in sim.calibration:
+        p = inputs / str(hdul[0].header["FILENAME"])
+        hdul.writeto(p, overwrite=True)
+        paths.append(p)
+    sim.truth_sources.write(truth / "mips_truth_sources.fits", overwrite=True)
+    sim.truth_sources.write(truth / "mips_truth_sources.tbl", format="ascii.ipac", overwrite=True)
+    sim.truth_pointing.write(truth / "mips_truth_pointing.fits", overwrite=True)
+    paths += _tauvex_inputs(inputs, truth)
+    return paths
+
+
+def _tauvex_inputs(inputs: Path, truth: Path) -> list[Path]:
+    try:
+        from simulator import tauvex
+    except ImportError:  # TAUVEX simulator not available
+        return []
+    sim = tauvex.simulate_scan(tauvex.ScanConfig())
+    level0 = inputs / "tauvex_scan_level0.bin"
+    attitude = inputs / "tauvex_scan_attitude.fits"
+    level0.write_bytes(sim.level0)
+    attitude.write_bytes(sim.attitude)
+    sim.truth_sources.write(truth / "tauvex_truth_sources.fits", overwrite=True)
+    return [level0, attitude]
+
+
+def print_demo_summary(out_dir: Path) -> None:
+    """Print the head of the band-merged tables the demo made."""
+    for path in sorted(out_dir.glob("*bandmerged*.tbl")):
+        table = Table.read(path, format="ascii.ipac")
+        print(f"\n{path.name}: {len(table)} sources; first rows:")
+        cols = [c for c in table.colnames if not c.startswith("delta")][:9]
+        table[cols][:8].pprint(max_width=140)
+    pngs = sorted(out_dir.glob("*.png"))
+    if pngs:
+        print("\nquick-look images:")
+        for p in pngs:
+            print(f"  {p}")
