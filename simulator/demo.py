@@ -43,7 +43,7 @@ def _tauvex_inputs(inputs: Path, truth: Path) -> list[Path]:
     attitude = inputs / "tauvex_scan_attitude.fits"
     level0.write_bytes(sim.level0)
     attitude.write_bytes(sim.attitude)
-    sim.truth_sources.write(truth / "tauvex_truth_sources.fits", overwrite=True)
+    sim.sources.write(truth / "tauvex_truth_sources.fits", overwrite=True)
     return [level0, attitude]
 
 

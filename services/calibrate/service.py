@@ -127,19 +127,27 @@ class CalibrateService(Service):
 
     async def _tauvex(self, ref: ProductRef, ctx: Context) -> None:
         from services.calibrate.tauvex.chain import run_chain
+        from services.decode.service import tauvex_name
         from shared.instruments import tauvex as tv
 
         level1a = await ctx.read_fits(ref.key)
+        level1_key = str(ref.meta["level1"])
+        obs = await ctx.run(tv.Level1Observation.from_bytes, await ctx.read(level1_key))
         scan, tele = ref.obs.scan or 0, ref.obs.telescope or 0
-        levels = await ctx.run(run_chain, level1a, keep_levels=tuple(self.config.tauvex_keep_levels))
-        for level, hdul in levels.items():
+        keep = {*self.config.tauvex_keep_levels, "1g"}  # mosaic needs 1g
+        levels = await ctx.run(run_chain, level1a, obs.attitude, keep_levels=tuple(keep))
+        for level, hdul in sorted(levels.items()):
+            if level == "1a":
+                continue  # decode's product already
             fitsio.add_provenance(hdul[0].header, step=f"calibrate {level}", parents=(ref.key,))
-            name = tv.product_name(level, scan=scan, telescope=tele, version=ref.version)
+            version = await ctx.version(f"TAUVEX.level{level}.{scan}.{tele}")
             await ctx.emit(ProductOut(
                 instrument="TAUVEX", level=Level.CALIBRATED, product_type=f"level{level}",
-                obs=ref.obs, files=[ProductFile.fits(f"level{level}", name, hdul)],
-                subdir=f"scan{scan:04d}", version=ref.version, parents=(ref.key,),
-                group=Group(f"TAUVEX-{scan}-level{level}", tele - 1, 3)))
+                obs=ref.obs,
+                files=[ProductFile.fits(f"level{level}", tauvex_name(level, scan, tele, version),
+                                        hdul)],
+                subdir=f"scan{scan:04d}", version=version, parents=(ref.key,),
+                meta={"level1": level1_key}))
 
 
 SERVICE = CalibrateService

@@ -42,12 +42,14 @@ class DecodeService(Service):
         chunk = await ctx.read(ref.key)
         raw = await ctx.run(decode_dce, chunk)
         fitsio.add_provenance(raw[0].header, step="decode", parents=(ref.key,))
-        name = raw_product_name(raw[0].header, ref.version)
+        o = ref.obs
+        version = await ctx.version(f"MIPS.raw.{o.aorkey}.{o.channel}.{o.expid}.{o.dcenum}")
+        name = raw_product_name(raw[0].header, version)
         await ctx.emit(ProductOut(
             instrument="MIPS", level=Level.DECODED, product_type="raw", obs=ref.obs,
             files=[ProductFile.fits("raw", name, raw)],
             subdir=f"aor{ref.obs.aorkey}/ch{ref.obs.channel}",
-            version=ref.version, parents=(ref.key,),
+            version=version, parents=(ref.key,),
             group=ref.group and type(ref.group)(ref.group.id.replace("-dce", "-raw"),
                                                 ref.group.index, ref.group.count),
             meta=ref.meta,
@@ -57,18 +59,24 @@ class DecodeService(Service):
         from services.decode.tauvex.level1a import make_level1a
         from shared.instruments import tauvex as tv
 
-        obs = tv.Level1Observation.from_hdulist(await ctx.read_fits(ref.key))
+        obs = await ctx.run(tv.Level1Observation.from_bytes, await ctx.read(ref.key))
         products = await ctx.run(make_level1a, obs)
         scan = ref.obs.scan or 0
         for tele, hdul in sorted(products.items()):
             fitsio.add_provenance(hdul[0].header, step="decode", parents=(ref.key,))
-            name = tv.product_name("1a", scan=scan, telescope=tele, version=ref.version)
+            version = await ctx.version(f"TAUVEX.level1a.{scan}.{tele}")
             await ctx.emit(ProductOut(
                 instrument="TAUVEX", level=Level.DECODED, product_type="level1a",
                 obs=ObsId(scan=scan, telescope=tele),
-                files=[ProductFile.fits("level1a", name, hdul)],
-                subdir=f"scan{scan:04d}", version=ref.version, parents=(ref.key,),
+                files=[ProductFile.fits("level1a", tauvex_name("1a", scan, tele, version), hdul)],
+                subdir=f"scan{scan:04d}", version=version, parents=(ref.key,),
+                meta={"level1": ref.key},
             ))
+
+
+def tauvex_name(level: str, scan: int, telescope: int, version: int, suffix: str = "fits") -> str:
+    """TAUVEX product name, e.g. `TAUVEX_T2_S0001_L1a_1.fits` (telescope, scan, level, version)."""
+    return f"TAUVEX_T{telescope}_S{scan:04d}_L{level}_{version}.{suffix}"
 
 
 SERVICE = DecodeService

@@ -128,49 +128,47 @@ class ExtractService(Service):
             meta={"n_sources": len(merged), "bands": ",".join(lists)}))
 
     async def _tauvex(self, ref: ProductRef, ctx: Context) -> None:
-        from services.extract.tauvex.sources import extract_level2, merge_filters
-        from services.extract.tables import to_fits_hdulist, to_ipac_bytes
+        from services.extract.tauvex.bandmerge import band_merge
+        from services.extract.tauvex.photometry import detect_sources, table_to_fits, table_to_ipac
 
         scan, tele = ref.obs.scan or 0, ref.obs.telescope or 0
-        image = await ctx.read_fits(ref.key)
-        exp_obj = ref.file("exposure")
-        expmap = await ctx.read_fits(exp_obj.key) if exp_obj else None
-        table: Table = await ctx.run(extract_level2, image, expmap)
+        level2 = await ctx.read_fits(ref.key)
+        table: Table = await ctx.run(detect_sources, level2, snr_min=self.config.detect_sigma)
         stem = ref.key.rsplit("/", 1)[-1].removesuffix(".fits")
-        hdul = await ctx.run(to_fits_hdulist, table, {"TELESCOP": "TAUVEX", "TELE_NUM": tele})
-        await ctx.emit(ProductOut(
+        hdul = await ctx.run(table_to_fits, table)
+        fitsio.add_provenance(hdul[0].header, step="extract", parents=(ref.key,))
+        sources = await ctx.emit(ProductOut(
             instrument="TAUVEX", level=Level.SOURCES, product_type="sources", obs=ref.obs,
-            files=[ProductFile("tbl", f"{stem}_sources.tbl", await ctx.run(to_ipac_bytes, table)),
-                   ProductFile.fits("fits", f"{stem}_sources.fits", hdul)],
+            files=[ProductFile.fits("fits", f"{stem}_sources.fits", hdul),
+                   ProductFile("tbl", f"{stem}_sources.tbl", table_to_ipac(table).encode())],
             subdir=f"scan{scan:04d}", version=ref.version, parents=(ref.key,),
-            meta={"n_sources": len(table)}))
+            meta={"n_sources": len(table), "filter": str(ref.meta.get("filter", ""))}))
         if ref.group is None:
             return
-        arrival = await ctx.arrive(ref.group, version=ref.version, member_key=json.dumps(
-            {"image": ref.key, "exposure": exp_obj.key if exp_obj else "",
-             "sources": ctx.outputs[-1].companions[0].key, "telescope": tele}))
+        arrival = await ctx.arrive(ref.group, version=1, member_key=json.dumps(
+            {"image": ref.key, "sources": sources.key, "filter": ref.meta.get("filter", tele)}))
         if not arrival.trigger:
             return
-        from services.extract.tables import from_fits_bytes
-
-        per_tele = {}
+        images, lists, parents = {}, {}, []
         for i in sorted(arrival.members):
             m = json.loads(arrival.members[i])
-            per_tele[int(m["telescope"])] = (
-                from_fits_bytes(await ctx.read(m["sources"])),
-                await ctx.read_fits(m["image"]),
-                await ctx.read_fits(m["exposure"]) if m["exposure"] else None)
-        merged: Table = await ctx.run(merge_filters, per_tele, nsigma=self.config.upper_limit_sigma)
-        name = f"TAUVEX_S{scan:04d}_{ref.version}_bandmerged"
-        hdul = await ctx.run(to_fits_hdulist, merged, {"TELESCOP": "TAUVEX"})
+            images[str(m["filter"])] = await ctx.read_fits(m["image"])
+            lists[str(m["filter"])] = Table.read((await ctx.read_fits(m["sources"]))[1])
+            parents.append(m["sources"])
+        merged: Table = await ctx.run(band_merge, images, lists,
+                                      ulim_sigma=self.config.upper_limit_sigma)
+        version = await ctx.version(f"TAUVEX.bandmerged.{scan}")
+        name = f"TAUVEX_S{scan:04d}_bandmerged_{version}"
+        hdul = await ctx.run(table_to_fits, merged)
+        fitsio.add_provenance(hdul[0].header, step="bandmerge", parents=parents)
         await ctx.emit(ProductOut(
             instrument="TAUVEX", level=Level.SOURCES, product_type="bandmerged",
             obs=ObsId(scan=scan),
-            files=[ProductFile("tbl", f"{name}.tbl", await ctx.run(to_ipac_bytes, merged)),
-                   ProductFile.fits("fits", f"{name}.fits", hdul)],
-            subdir=f"scan{scan:04d}", version=ref.version, parents=(ref.key,),
-            meta={"n_sources": len(merged)}))
-        ctx.group_done_after_publish(ref.group.id, ref.version)
+            files=[ProductFile.fits("fits", f"{name}.fits", hdul),
+                   ProductFile("tbl", f"{name}.tbl", table_to_ipac(merged).encode())],
+            subdir=f"scan{scan:04d}", version=version, parents=tuple(parents),
+            meta={"n_sources": len(merged), "filters": ",".join(images)}))
+        ctx.group_done_after_publish(ref.group.id, 1)
 
 
 SERVICE = ExtractService

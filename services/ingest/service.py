@@ -17,7 +17,6 @@ from astropy.io import fits
 
 from services.ingest import recognise
 from services.ingest.recognise import InputKind
-from shared import fitsio
 from shared.errors import Skip
 from shared.messages import Envelope, Group, ObsId, StoredObject, Submission
 from shared.runtime import Context, ProductFile, ProductOut, Service
@@ -165,7 +164,7 @@ class IngestService(Service):
                 identity = f"TAUVEX.level1.{obs.obs_id}"
                 version = await ctx.version(identity)
                 name = f"TAUVEX_L1_{obs.obs_id:04d}_{version}.fits"
-                data = await ctx.run(lambda o=obs: fitsio.to_bytes(o.to_hdulist()))
+                data = await ctx.run(obs.to_bytes)
                 await ctx.emit(ProductOut(
                     instrument="TAUVEX", level=Level.TELEMETRY, product_type="level1",
                     obs=ObsId(scan=obs.obs_id), files=[ProductFile("level1", name, data)],

@@ -113,23 +113,25 @@ class MosaicService(Service):
         ctx.group_done_after_publish(ref.group.id, ref.version)
 
     async def _tauvex_level2(self, ref: ProductRef, ctx: Context) -> None:
-        from services.mosaic.tauvex.level2 import make_level2
+        from services.decode.service import tauvex_name
+        from services.mosaic.tauvex.image import make_level2
         from shared.instruments import tauvex as tv
 
         level1g = await ctx.read_fits(ref.key)
+        level1_key = str(ref.meta["level1"])
+        obs = await ctx.run(tv.Level1Observation.from_bytes, await ctx.read(level1_key))
         scan, tele = ref.obs.scan or 0, ref.obs.telescope or 0
-        image, expmap, png = await ctx.run(make_level2, level1g)
-        for h in (image, expmap):
-            fitsio.add_provenance(h[0].header, step="mosaic level2", parents=(ref.key,))
-        base = tv.product_name("2", scan=scan, telescope=tele, version=ref.version)
-        stem = base.removesuffix(".fits")
+        level2 = await ctx.run(make_level2, level1g, obs.attitude)
+        fitsio.add_provenance(level2.hdul[0].header, step="mosaic level2", parents=(ref.key,))
+        version = await ctx.version(f"TAUVEX.level2.{scan}.{tele}")
         await ctx.emit(ProductOut(
             instrument="TAUVEX", level=Level.MOSAICKED, product_type="level2", obs=ref.obs,
-            files=[ProductFile.fits("image", base, image),
-                   ProductFile.fits("exposure", f"{stem}_exp.fits", expmap),
-                   ProductFile("quicklook", f"{stem}.png", png)],
-            subdir=f"scan{scan:04d}", version=ref.version, parents=(ref.key,),
-            group=Group(f"TAUVEX-{scan}-level2-v{ref.version}", tele - 1, 3)))
+            files=[ProductFile.fits("image", tauvex_name("2", scan, tele, version), level2.hdul),
+                   ProductFile("quicklook", tauvex_name("2", scan, tele, version, "png"),
+                               level2.png)],
+            subdir=f"scan{scan:04d}", version=version, parents=(ref.key,),
+            group=Group(f"TAUVEX-{scan}-level2", tele - 1, len(tv.TELESCOPES)),
+            meta={"filter": tv.TELESCOPES[tele].filter.name}))
 
 
 SERVICE = MosaicService
