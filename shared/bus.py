@@ -22,7 +22,12 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import (
+    BadRequestError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
 from nats.js.kv import KeyValue
 
 from shared import subjects
@@ -86,7 +91,9 @@ async def ensure_topology(js: JetStreamContext, topo: Topology = Topology()) -> 
             await js.update_stream(cfg)
     for bucket in (subjects.KV_GROUPS, subjects.KV_VERSIONS, subjects.KV_CALIBRATION):
         await js.create_key_value(
-            KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, replicas=topo.replicas)
+            KeyValueConfig(
+                bucket=bucket, history=1, storage=StorageType.FILE, replicas=topo.replicas
+            )
         )
 
 
@@ -99,7 +106,9 @@ class ConsumerSettings:
     max_ack_pending: int = 256
 
 
-async def ensure_consumer(js: JetStreamContext, service: str, settings: ConsumerSettings) -> tuple[str, str]:
+async def ensure_consumer(
+    js: JetStreamContext, service: str, settings: ConsumerSettings
+) -> tuple[str, str]:
     """Create or update the service's durable pull consumer; returns (stream, durable)."""
     level = subjects.SERVICE_INPUT[service]
     stream, durable = subjects.stream_name(level), subjects.durable_name(service)
@@ -238,5 +247,5 @@ class CalibrationRegistry:
             if k.startswith(prefix):
                 entry = await self.kv.get(k)
                 if entry.value:
-                    out[k[len(prefix):]] = entry.value.decode()
+                    out[k[len(prefix) :]] = entry.value.decode()
         return out

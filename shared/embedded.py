@@ -44,7 +44,9 @@ class EmbeddedNats:
     State lives under `store_dir` (so a restart on the same folder keeps streams and KV).
     """
 
-    def __init__(self, store_dir: str | Path, *, port: int | None = None, monitor: bool = True) -> None:
+    def __init__(
+        self, store_dir: str | Path, *, port: int | None = None, monitor: bool = True
+    ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
         self.monitor_port = free_port() if monitor else None
@@ -56,8 +58,16 @@ class EmbeddedNats:
 
     def start(self, timeout_s: float = 15.0) -> EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-               "-sd", str(self.store_dir)]
+        cmd = [
+            nats_server_binary(),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-js",
+            "-sd",
+            str(self.store_dir),
+        ]
         if self.monitor_port:
             cmd += ["-m", str(self.monitor_port)]
         log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by the process
@@ -66,13 +76,19 @@ class EmbeddedNats:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(
-                    f"nats-server exited with {self.proc.returncode}; see {self.store_dir}/nats-server.log"
+                    f"nats-server exited with {self.proc.returncode}; "
+                    f"see {self.store_dir}/nats-server.log"
                 )
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
                 return self
             time.sleep(0.05)
         self.stop()
-        raise TimeoutError(f"nats-server did not accept connections on port {self.port} in {timeout_s} s")
+        raise TimeoutError(
+            f"nats-server did not accept connections on port {self.port} in {timeout_s} s"
+        )
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

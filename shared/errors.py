@@ -1,13 +1,10 @@
 """Outcome taxonomy: what a service raises, and what the runtime does next.
 
-| raise            | when                                            | the runtime then              |
-|------------------|-------------------------------------------------|-------------------------------|
-| `Skip`           | nothing to do for this message (by design)      | ack; log the reason           |
-| `BadData`        | input that can never succeed (corrupt, invalid)  | dead-letter with reason; term |
-| `Transient`      | a dependency failed for now (store, bus)         | nak with back-off; retry      |
-| any other error  | a bug                                            | log with traceback; nak with  |
-|                  |                                                 | back-off; dead-letter after   |
-|                  |                                                 | `max_deliver` attempts        |
+- `Skip`: nothing to do for this message (by design) -> ack; the reason is logged.
+- `BadData`: input that can never succeed (corrupt, invalid) -> dead letter with the reason; term.
+- `Transient`: a dependency failed for now (store, bus) -> nak with back-off; retried.
+- any other error: a bug -> logged with traceback; nak with back-off; dead-lettered after
+  `max_deliver` attempts.
 
 Science code raises `ValueError` (or a subclass) for bad input; the service boundary turns it
 into `BadData`. Only the runtime catches.

@@ -32,7 +32,9 @@ def open_bytes(data: bytes) -> fits.HDUList:
     return hdul
 
 
-def add_provenance(header: fits.Header, *, step: str, parents: Iterable[str], creator: str = CREATOR) -> None:
+def add_provenance(
+    header: fits.Header, *, step: str, parents: Iterable[str], creator: str = CREATOR
+) -> None:
     """Record who made the product, when, and from which inputs (HISTORY, one line each)."""
     header["CREATOR"] = (creator, "software that wrote this file")
     header["DATE"] = (utcnow()[:19], "UTC time the file was written")

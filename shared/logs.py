@@ -13,7 +13,9 @@ def configure(*, level: str = "info", json: bool | None = None, stream: object =
     out = stream or sys.stderr
     use_json = (not getattr(out, "isatty", lambda: False)()) if json is None else json
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
         processors=[

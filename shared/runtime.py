@@ -38,9 +38,9 @@ class RuntimeSettings:
 
     batch: int = 4
     fetch_timeout_s: float = 1.0
-    consumer: bus.ConsumerSettings = bus.ConsumerSettings()
+    consumer: bus.ConsumerSettings = field(default_factory=bus.ConsumerSettings)
     backoff_s: tuple[float, ...] = (1.0, 5.0, 15.0, 30.0)
-    topology: bus.Topology = bus.Topology()
+    topology: bus.Topology = field(default_factory=bus.Topology)
 
 
 @dataclass(slots=True)
@@ -207,7 +207,7 @@ class ServiceRunner:
     # nats objects exist only while running
     @property
     def js(self) -> JetStreamContext:
-        assert self._js is not None, "runner not started"  # noqa: S101 - internal invariant
+        assert self._js is not None, "runner not started"
         return self._js
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -227,14 +227,22 @@ class ServiceRunner:
             queue=f"{durable}-advisories",
             cb=self._on_max_deliveries,
         )
-        self.log.info("service_started", stream=stream, durable=durable, nats=self.nats_url,
-                      store=self.store.url, batch=self.settings.batch,
-                      max_deliver=self.settings.consumer.max_deliver)
+        self.log.info(
+            "service_started",
+            stream=stream,
+            durable=durable,
+            nats=self.nats_url,
+            store=self.store.url,
+            batch=self.settings.batch,
+            max_deliver=self.settings.consumer.max_deliver,
+        )
         self.ready.set()
         try:
             while not stop.is_set():
                 try:
-                    batch = await sub.fetch(self.settings.batch, timeout=self.settings.fetch_timeout_s)
+                    batch = await sub.fetch(
+                        self.settings.batch, timeout=self.settings.fetch_timeout_s
+                    )
                 except nats.errors.TimeoutError:
                     continue
                 except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
@@ -280,19 +288,31 @@ class ServiceRunner:
     async def _process(self, msg: Msg) -> None:
         t0 = time.perf_counter()
         meta = msg.metadata
-        log = self.log.bind(subject=msg.subject, stream_seq=meta.sequence.stream,
-                            delivery=meta.num_delivered)
+        log = self.log.bind(
+            subject=msg.subject, stream_seq=meta.sequence.stream, delivery=meta.num_delivered
+        )
         try:
             envelope = messages.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             reason = f"malformed message, not a skybus wire message: {exc}"
-            await self._publish_dead(DeadLetter(
-                service=self.service.name, reason=reason, outcome="bad_message",
-                subject=msg.subject, stream_seq=meta.sequence.stream, original=msg.data,
-                time=messages.utcnow()))
+            await self._publish_dead(
+                DeadLetter(
+                    service=self.service.name,
+                    reason=reason,
+                    outcome="bad_message",
+                    subject=msg.subject,
+                    stream_seq=meta.sequence.stream,
+                    original=msg.data,
+                    time=messages.utcnow(),
+                )
+            )
             await msg.term()
-            log.warning("message", outcome="bad_message", reason=reason,
-                        seconds=round(time.perf_counter() - t0, 3))
+            log.warning(
+                "message",
+                outcome="bad_message",
+                reason=reason,
+                seconds=round(time.perf_counter() - t0, 3),
+            )
             return
         run_id = getattr(envelope, "run_id", "")
         ids = msgspec.to_builtins(envelope.obs) if isinstance(envelope, ProductRef) else {}
@@ -308,10 +328,18 @@ class ServiceRunner:
             await msg.ack()
         except (BadData, ValueError) as exc:
             outcome, reason = "bad_data", str(exc) or type(exc).__name__
-            await self._publish_dead(DeadLetter(
-                service=self.service.name, reason=reason, outcome="bad_data", subject=msg.subject,
-                stream_seq=meta.sequence.stream, original=msg.data, run_id=run_id,
-                time=messages.utcnow()))
+            await self._publish_dead(
+                DeadLetter(
+                    service=self.service.name,
+                    reason=reason,
+                    outcome="bad_data",
+                    subject=msg.subject,
+                    stream_seq=meta.sequence.stream,
+                    original=msg.data,
+                    run_id=run_id,
+                    time=messages.utcnow(),
+                )
+            )
             await msg.term()
         except (Transient, ConnectionError, TimeoutError, nats.errors.Error) as exc:
             outcome, reason = "retry", f"{type(exc).__name__}: {exc}"
@@ -321,9 +349,14 @@ class ServiceRunner:
             log.exception("service_error")
             await self._nak(msg)
         self.processed += 1
-        log.info("message", outcome=outcome, reason=reason or None,
-                 products=[r.key for r in ctx.outputs], dead_letters=len(ctx.dead_letters),
-                 seconds=round(time.perf_counter() - t0, 3))
+        log.info(
+            "message",
+            outcome=outcome,
+            reason=reason or None,
+            products=[r.key for r in ctx.outputs],
+            dead_letters=len(ctx.dead_letters),
+            seconds=round(time.perf_counter() - t0, 3),
+        )
 
     async def _nak(self, msg: Msg) -> None:
         attempt = max(msg.metadata.num_delivered - 1, 0)
@@ -337,8 +370,11 @@ class ServiceRunner:
             try:
                 await self.js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}, timeout=5)
                 return
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError,
-                    nats.js.errors.ServiceUnavailableError):
+            except (
+                nats.errors.NoRespondersError,
+                nats.errors.TimeoutError,
+                nats.js.errors.ServiceUnavailableError,
+            ):
                 await asyncio.sleep(0.2 * 2**attempt)
         raise Transient(f"could not publish to {subject}")
 
@@ -360,20 +396,26 @@ class ServiceRunner:
             info = json.loads(adv.data)
             seq = int(info["stream_seq"])
             original = await self.js.get_msg(self._stream, seq)
-            await self._publish_dead(DeadLetter(
-                service=self.service.name,
-                reason=(f"gave up after {info.get('deliveries', '?')} deliveries "
+            await self._publish_dead(
+                DeadLetter(
+                    service=self.service.name,
+                    reason=(
+                        f"gave up after {info.get('deliveries', '?')} deliveries "
                         f"(max_deliver={self.settings.consumer.max_deliver}); the service logs "
-                        f"for stream_seq {seq} say why; fix and resubmit or replay"),
-                outcome="max_deliver", subject=original.subject or "", stream_seq=seq,
-                original=original.data or b"", time=messages.utcnow()))
+                        f"for stream_seq {seq} say why; fix and resubmit or replay"
+                    ),
+                    outcome="max_deliver",
+                    subject=original.subject or "",
+                    stream_seq=seq,
+                    original=original.data or b"",
+                    time=messages.utcnow(),
+                )
+            )
         except Exception:
             self.log.exception("advisory_failed")
 
 
-async def run_services(
-    runners: list[ServiceRunner], stop: asyncio.Event
-) -> None:
+async def run_services(runners: list[ServiceRunner], stop: asyncio.Event) -> None:
     """Run several service replicas in one process until `stop` is set."""
     tasks = [asyncio.create_task(r.run(stop), name=r.service.name) for r in runners]
     try:

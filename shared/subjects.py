@@ -2,8 +2,8 @@
 
 One subject tree and one LIMITS-retention, file-storage stream per product level:
 
-    skybus.input.<instrument>.<type>        SKYBUS_INPUT       files submitted by `skybus run`
-    skybus.telemetry.<instrument>.<type>    SKYBUS_TELEMETRY   telemetry chunks split per observation
+    skybus.input.<instrument>.<type>        SKYBUS_INPUT       files submitted (`skybus run`)
+    skybus.telemetry.<instrument>.<type>    SKYBUS_TELEMETRY   telemetry chunks, one per observation
     skybus.decoded.<instrument>.<type>      SKYBUS_DECODED     ERD, Level 1a tables, raw frames
     skybus.calibrated.<instrument>.<type>   SKYBUS_CALIBRATED  BCD, SPD, Level 1b..1g
     skybus.mosaicked.<instrument>.<type>    SKYBUS_MOSAICKED   post-BCD mosaics, CMOS, Level 2

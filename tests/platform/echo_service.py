@@ -40,11 +40,18 @@ class EchoService(Service):
             raise RuntimeError("a bug in the service")
         identity = f"echo.{message.obs.scan}"
         version = await ctx.version(identity)
-        await ctx.emit(ProductOut(
-            instrument="TEST", level=subjects.Level.DECODED, product_type="echo",
-            obs=ObsId(scan=message.obs.scan), subdir=f"scan{message.obs.scan}",
-            files=[ProductFile("echo", f"echo_{message.obs.scan}_v{version}.dat", data[::-1])],
-            version=version, parents=(message.key,)))
+        await ctx.emit(
+            ProductOut(
+                instrument="TEST",
+                level=subjects.Level.DECODED,
+                product_type="echo",
+                obs=ObsId(scan=message.obs.scan),
+                subdir=f"scan{message.obs.scan}",
+                files=[ProductFile("echo", f"echo_{message.obs.scan}_v{version}.dat", data[::-1])],
+                version=version,
+                parents=(message.key,),
+            )
+        )
         if data.startswith(b"SLOW"):
             await asyncio.sleep(float(data[4:].split(b";")[0]))
         elif self.work_s:
@@ -53,14 +60,18 @@ class EchoService(Service):
 
 
 def settings(ack_wait_s: float = 30.0, max_deliver: int = 5, batch: int = 1) -> RuntimeSettings:
-    return RuntimeSettings(batch=batch, fetch_timeout_s=0.5, backoff_s=(0.2,),
-                           consumer=bus.ConsumerSettings(ack_wait_s=ack_wait_s,
-                                                         max_deliver=max_deliver))
+    return RuntimeSettings(
+        batch=batch,
+        fetch_timeout_s=0.5,
+        backoff_s=(0.2,),
+        consumer=bus.ConsumerSettings(ack_wait_s=ack_wait_s, max_deliver=max_deliver),
+    )
 
 
 async def _main(url: str, store_dir: str, ack_wait_s: float) -> None:
-    runner = ServiceRunner(EchoService(), nats_url=url, store=ObjectStore(store_dir),
-                           settings=settings(ack_wait_s))
+    runner = ServiceRunner(
+        EchoService(), nats_url=url, store=ObjectStore(store_dir), settings=settings(ack_wait_s)
+    )
     await runner.run(asyncio.Event())
 
 

@@ -12,10 +12,19 @@ from shared.messages import Envelope, ObsId, ProductRef
 from shared.store import ObjectStore
 
 
-async def publish_chunk(js: JetStreamContext, store: ObjectStore, scan: int, payload: bytes) -> ProductRef:
+async def publish_chunk(
+    js: JetStreamContext, store: ObjectStore, scan: int, payload: bytes
+) -> ProductRef:
     obj = await store.put(f"test/telemetry/chunk_{scan}.bin", payload)
-    ref = ProductRef(instrument="TEST", level="telemetry", product_type="chunk",
-                     obs=ObsId(scan=scan), key=obj.key, size=obj.size, sha256=obj.sha256)
+    ref = ProductRef(
+        instrument="TEST",
+        level="telemetry",
+        product_type="chunk",
+        obs=ObsId(scan=scan),
+        key=obj.key,
+        size=obj.size,
+        sha256=obj.sha256,
+    )
     await js.publish(subjects.product_subject("telemetry", "test", "chunk"), messages.encode(ref))
     return ref
 

@@ -26,10 +26,14 @@ async def _consumer_idle(js, service: str = "decode") -> bool:
     return info.num_pending == 0 and info.num_ack_pending == 0
 
 
-async def test_products_written_then_published(nats_server: EmbeddedNats, store: ObjectStore) -> None:
+async def test_products_written_then_published(
+    nats_server: EmbeddedNats, store: ObjectStore
+) -> None:
     nc, js = await setup_bus(nats_server.url)
     stop = asyncio.Event()
-    runner = ServiceRunner(EchoService(), nats_url=nats_server.url, store=store, settings=settings())
+    runner = ServiceRunner(
+        EchoService(), nats_url=nats_server.url, store=store, settings=settings()
+    )
     task = asyncio.create_task(runner.run(stop))
     for scan in range(3):
         await publish_chunk(js, store, scan, f"payload {scan}".encode())
@@ -47,19 +51,25 @@ async def test_products_written_then_published(nats_server: EmbeddedNats, store:
     await nc.drain()
 
 
-async def test_bad_inputs_dead_lettered_good_ones_processed(nats_server: EmbeddedNats, store: ObjectStore) -> None:
+async def test_bad_inputs_dead_lettered_good_ones_processed(
+    nats_server: EmbeddedNats, store: ObjectStore
+) -> None:
     nc, js = await setup_bus(nats_server.url)
     await js.publish("skybus.telemetry.test.chunk", b"{this is not json")
     await publish_chunk(js, store, 1, b"BAD frame")
     for scan in (2, 3, 4):
         await publish_chunk(js, store, scan, b"good")
     stop = asyncio.Event()
-    runner = ServiceRunner(EchoService(), nats_url=nats_server.url, store=store, settings=settings())
+    runner = ServiceRunner(
+        EchoService(), nats_url=nats_server.url, store=store, settings=settings()
+    )
     task = asyncio.create_task(runner.run(stop))
 
     async def settled() -> bool:
-        return (len(await stream_messages(js, subjects.DEADLETTER_STREAM)) == 2
-                and len(await stream_messages(js, DECODED)) == 3)
+        return (
+            len(await stream_messages(js, subjects.DEADLETTER_STREAM)) == 2
+            and len(await stream_messages(js, DECODED)) == 3
+        )
 
     await wait_for(settled)
     dead = [m for _, m in await stream_messages(js, subjects.DEADLETTER_STREAM)]
@@ -75,20 +85,23 @@ async def test_bad_inputs_dead_lettered_good_ones_processed(nats_server: Embedde
     await nc.drain()
 
 
-async def test_bug_dead_lettered_after_max_deliver(nats_server: EmbeddedNats, store: ObjectStore) -> None:
+async def test_bug_dead_lettered_after_max_deliver(
+    nats_server: EmbeddedNats, store: ObjectStore
+) -> None:
     nc, js = await setup_bus(nats_server.url)
     await publish_chunk(js, store, 7, b"BUG here")
     await publish_chunk(js, store, 8, b"good")
     stop = asyncio.Event()
-    runner = ServiceRunner(EchoService(), nats_url=nats_server.url, store=store,
-                           settings=settings(max_deliver=2))
+    runner = ServiceRunner(
+        EchoService(), nats_url=nats_server.url, store=store, settings=settings(max_deliver=2)
+    )
     task = asyncio.create_task(runner.run(stop))
 
     async def dead_lettered() -> bool:
         return len(await stream_messages(js, subjects.DEADLETTER_STREAM)) == 1
 
     await wait_for(dead_lettered)
-    (_, dead), = await stream_messages(js, subjects.DEADLETTER_STREAM)
+    ((_, dead),) = await stream_messages(js, subjects.DEADLETTER_STREAM)
     assert isinstance(dead, DeadLetter) and dead.outcome == "max_deliver"
     assert "2 deliveries" in dead.reason and dead.original
     assert [m.obs.scan for _, m in await stream_messages(js, DECODED)] == [8]  # type: ignore[union-attr]
@@ -97,14 +110,18 @@ async def test_bug_dead_lettered_after_max_deliver(nats_server: EmbeddedNats, st
     await nc.drain()
 
 
-async def test_two_replicas_share_the_consumer(nats_server: EmbeddedNats, store: ObjectStore) -> None:
+async def test_two_replicas_share_the_consumer(
+    nats_server: EmbeddedNats, store: ObjectStore
+) -> None:
     nc, js = await setup_bus(nats_server.url)
     for scan in range(12):
         await publish_chunk(js, store, scan, b"work")
     stop = asyncio.Event()
     services = [EchoService(work_s=0.15), EchoService(work_s=0.15)]
-    runners = [ServiceRunner(s, nats_url=nats_server.url, store=store, settings=settings())
-               for s in services]
+    runners = [
+        ServiceRunner(s, nats_url=nats_server.url, store=store, settings=settings())
+        for s in services
+    ]
     tasks = [asyncio.create_task(r.run(stop)) for r in runners]
 
     async def all_done() -> bool:
@@ -122,7 +139,14 @@ async def test_sigkill_while_holding_a_message(nats_server: EmbeddedNats, tmp_pa
     store_dir = tmp_path / "store"
     store = ObjectStore(str(store_dir))
     nc, js = await setup_bus(nats_server.url)
-    cmd = [sys.executable, "-m", "tests.platform.echo_service", nats_server.url, str(store_dir), "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.platform.echo_service",
+        nats_server.url,
+        str(store_dir),
+        "2",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen(cmd, env=env)
     try:
@@ -160,7 +184,9 @@ async def test_replay_bumps_version(nats_server: EmbeddedNats, store: ObjectStor
     nc, js = await setup_bus(nats_server.url)
     await publish_chunk(js, store, 5, b"data")
     stop = asyncio.Event()
-    runner = ServiceRunner(EchoService(), nats_url=nats_server.url, store=store, settings=settings())
+    runner = ServiceRunner(
+        EchoService(), nats_url=nats_server.url, store=store, settings=settings()
+    )
     task = asyncio.create_task(runner.run(stop))
 
     async def n_outputs(n: int) -> bool:
@@ -172,7 +198,9 @@ async def test_replay_bumps_version(nats_server: EmbeddedNats, store: ObjectStor
     versions = [m.version for _, m in await stream_messages(js, DECODED)]  # type: ignore[union-attr]
     assert versions == [1, 2]
     assert await store.list("test/decoded/scan5") == [
-        "test/decoded/scan5/echo_5_v1.dat", "test/decoded/scan5/echo_5_v2.dat"]
+        "test/decoded/scan5/echo_5_v1.dat",
+        "test/decoded/scan5/echo_5_v2.dat",
+    ]
     stop.set()
     await task
     await nc.drain()
