@@ -123,10 +123,10 @@ async def pipeline(
             )
     tasks = [asyncio.create_task(r.run(stop)) for r in runners]
     try:
-        ready = [asyncio.create_task(r.ready.wait()) for r in runners]
-        await asyncio.wait(
-            [*ready, *tasks], return_when=asyncio.FIRST_EXCEPTION, timeout=60
-        )
+        # every replica bound its consumer, or one failed to start: whichever comes first
+        all_ready = asyncio.ensure_future(asyncio.gather(*(r.ready.wait() for r in runners)))
+        await asyncio.wait([all_ready, *tasks], return_when=asyncio.FIRST_COMPLETED, timeout=60)
+        all_ready.cancel()
         for t in tasks:
             if t.done() and t.exception():
                 raise t.exception()  # type: ignore[misc]

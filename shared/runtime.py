@@ -243,7 +243,7 @@ class ServiceRunner:
                     batch = await sub.fetch(
                         self.settings.batch, timeout=self.settings.fetch_timeout_s
                     )
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
                     await asyncio.sleep(0.5)

@@ -3,8 +3,10 @@
 from services.extract.bandmerge import BandmergeError, bandmerge
 from services.extract.photometry import ExtractionError, extract_sources
 from services.extract.tables import (
+    from_fits_bytes,
     from_fits_hdulist,
     from_ipac_bytes,
+    to_fits_bytes,
     to_fits_hdulist,
     to_ipac_bytes,
 )
@@ -17,8 +19,10 @@ __all__ = [
     "bandmerge",
     "extract_sources",
     "forced_upper_limits",
+    "from_fits_bytes",
     "from_fits_hdulist",
     "from_ipac_bytes",
+    "to_fits_bytes",
     "to_fits_hdulist",
     "to_ipac_bytes",
 ]

@@ -1,4 +1,4 @@
-"""Smooth background and background-noise maps of an image (mesh of clipped medians, APEX/SExtractor-like)."""
+"""Smooth background and background-noise maps of an image (mesh of clipped modes, APEX-like)."""
 
 from __future__ import annotations
 

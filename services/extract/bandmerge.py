@@ -144,9 +144,10 @@ def bandmerge(
         order = np.argsort(chi2, kind="stable")
         used_row = np.zeros(rows_e.size, dtype=bool)
         used_src = np.zeros(nb, dtype=bool)
-        match_row, match_src = [], []
+        match_row: list[int] = []
+        match_src: list[int] = []
         for k in order:  # loop over candidate pairs only (~ number of sources)
-            i, j = pairs_row[k], pairs_src[k]
+            i, j = int(pairs_row[k]), int(pairs_src[k])
             if not used_row[i] and not used_src[j]:
                 used_row[i] = used_src[j] = True
                 match_row.append(i)
@@ -219,13 +220,13 @@ def bandmerge(
             cov = np.asarray(t["coverage"], dtype=float)[idx[det]]
             nfr[det] = np.where(np.isfinite(cov), cov, 0).astype(np.int32)
         flag[det] = "D"
-        missing = np.flatnonzero(~det)
+        undetected = np.flatnonzero(~det)
         frames = frames_by_band.get(b, ())
-        if missing.size and len(frames):
-            ul = forced_upper_limits(ra_m[missing], dec_m[missing], frames,
+        if undetected.size and len(frames):
+            ul = forced_upper_limits(ra_m[undetected], dec_m[undetected], frames,
                                      fwhm_arcsec=fwhm[b], nsigma=nsigma, fatal_bits=fatal_bits)
             got = np.asarray(ul["n_frames"]) > 0
-            sel = missing[got]
+            sel = undetected[got]
             flux[sel] = np.asarray(ul["flux"])[got]
             dflux[sel] = np.asarray(ul["delta_flux"])[got]
             ulim[sel] = np.asarray(ul["ulim"])[got]

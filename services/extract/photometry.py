@@ -1,4 +1,4 @@
-"""Point-source photometry of a mosaic: APEX-like extraction, aperture photometry, Vega magnitudes."""
+"""Point-source photometry of a mosaic: APEX-like extraction, apertures, Vega magnitudes."""
 
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def estimate_fwhm_px(
 
 def extract_sources(
     image: np.ndarray,
-    unc: np.ndarray,
+    unc: np.ndarray | None,
     coverage: np.ndarray | None,
     header: fits.Header,
     *,
@@ -177,7 +177,8 @@ def extract_sources(
     FWHM: `fwhm_arcsec` if given, else the MIPS band's (header INSTRUME='MIPS'), else measured
     from the image. Aperture: `aperture_radius_arcsec` (default 1.2 FWHM) with
     `aperture_correction` (default: the MIPS table value when the radius matches one, else the
-    Gaussian-PSF correction). `vega_zero_jy` defaults to the MIPS band's zero point (magnitudes
+    Gaussian-PSF correction). `unc` may be None: the background RMS map is used instead.
+    `vega_zero_jy` defaults to the MIPS band's zero point (magnitudes
     are NaN when there is none). `coverage` (frames per pixel) may be None; pixels with zero
     coverage, non-finite values or unc <= 0 are ignored.
 
@@ -188,7 +189,13 @@ def extract_sources(
     Raises `ExtractionError` for inconsistent inputs.
     """
     img = np.asarray(image, dtype=float)
-    err = np.asarray(unc, dtype=float)
+    if unc is None:
+        # No uncertainty map: the background RMS map stands in for it (white-noise estimate).
+        pre = np.isfinite(img) & (coverage is None or np.asarray(coverage) > 0)
+        _, rms0 = estimate_background(img, mask=~pre, box_px=_default_box(3.0, img.shape))
+        err = np.where(rms0 > 0, rms0, np.nan)
+    else:
+        err = np.asarray(unc, dtype=float)
     if img.ndim != 2 or err.shape != img.shape:
         raise ExtractionError(
             f"image and unc must be 2-D arrays of one shape, got {img.shape} and {err.shape}"
@@ -216,7 +223,7 @@ def extract_sources(
     else:
         fwhm_src = "measured"
         fwhm_px = float("nan")
-    box_px = int(round(background_box_arcsec / pix_arcsec)) if background_box_arcsec else 0
+    box_px = round(background_box_arcsec / pix_arcsec) if background_box_arcsec else 0
 
     guess_px = fwhm_px if math.isfinite(fwhm_px) else 3.0
     box = box_px or _default_box(guess_px, img.shape)
@@ -358,7 +365,7 @@ def extract_sources(
 def _default_box(fwhm_px: float, shape: tuple[int, ...]) -> int:
     """Background cell side: 16 FWHM (>= 32 px), but at least ~4 cells across small images."""
     side = max(32.0, 16.0 * fwhm_px)
-    return int(round(min(side, max(min(shape) / 4.0, 6.0 * fwhm_px))))
+    return round(min(side, max(min(shape) / 4.0, 6.0 * fwhm_px)))
 
 
 def _table_aperture_correction(band: mips.MipsBand | None, radius_arcsec: float) -> float | None:

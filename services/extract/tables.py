@@ -10,7 +10,9 @@ from astropy.io import ascii as astropy_ascii
 from astropy.io import fits
 from astropy.table import MaskedColumn, Table
 
-HeaderCards = Mapping[str, object] | Iterable[fits.Card | tuple[str, object] | tuple[str, object, str]]
+HeaderCards = (
+    Mapping[str, object] | Iterable[fits.Card | tuple[str, object] | tuple[str, object, str]]
+)
 
 
 class TableFormatError(ValueError):
@@ -116,3 +118,19 @@ def from_fits_hdulist(hdul: fits.HDUList) -> Table:
             t = Table.read(hdu, mask_invalid=False)
             return _unmask(t)
     raise TableFormatError("no BINTABLE extension in this FITS file")
+
+
+def to_fits_bytes(table: Table, header_cards: HeaderCards | None = None) -> bytes:
+    """`to_fits_hdulist` serialised to FITS file bytes."""
+    buf = io.BytesIO()
+    to_fits_hdulist(table, header_cards).writeto(buf)
+    return buf.getvalue()
+
+
+def from_fits_bytes(data: bytes) -> Table:
+    """Read the source table of FITS file bytes (as written by `to_fits_bytes`)."""
+    try:
+        with fits.open(io.BytesIO(data), memmap=False) as hdul:
+            return from_fits_hdulist(hdul)
+    except OSError as exc:
+        raise TableFormatError(f"not a readable FITS file: {exc}") from exc

@@ -1,0 +1,204 @@
+"""Source extraction against injected truth on seeded synthetic mosaics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from services.extract import ExtractionError, extract_sources
+from services.extract.background import BackgroundError, estimate_background
+from services.extract.photometry import gaussian_aperture_correction
+
+from .synth import make_mosaic
+
+
+def _robust_sigma(a: np.ndarray) -> float:
+    a = np.asarray(a, dtype=float)
+    return float(1.4826 * np.median(np.abs(a - np.median(a))))
+
+
+def _match(tab, truth, radius_px: float):
+    """Nearest detection of each truth source (index, found) and nearest truth of each detection."""
+    det = np.column_stack([np.asarray(tab["x"]), np.asarray(tab["y"])])
+    tru = np.column_stack([np.asarray(truth["x"]), np.asarray(truth["y"])])
+    d, i = cKDTree(det).query(tru)
+    d2, _ = cKDTree(tru).query(det)
+    return i, d < radius_px, d2 < radius_px
+
+
+@pytest.fixture(scope="module")
+def mosaic24():
+    return make_mosaic(shape=(500, 500), pixel_arcsec=2.45, fwhm_arcsec=5.9, n_sources=260,
+                       snr_range=(3.0, 400.0), seed=11, channel=1)
+
+
+@pytest.fixture(scope="module")
+def result24(mosaic24):
+    m = mosaic24
+    # FWHM from the band (INSTRUME='MIPS', CHNLNUM=1): fwhm_arcsec=None.
+    ap_r = 7.0
+    apcorr = gaussian_aperture_correction(fwhm_arcsec=5.9, radius_arcsec=ap_r, pixel_arcsec=2.45)
+    tab = extract_sources(m.image, m.unc, m.coverage, m.header, fwhm_arcsec=None,
+                          band_name="24um", aperture_radius_arcsec=ap_r,
+                          aperture_correction=apcorr, vega_zero_jy=None)
+    return tab
+
+
+def test_columns_and_units(result24):
+    t = result24
+    for name in ("srcid", "RA", "delta_RA", "Dec", "delta_Dec", "x", "delta_x", "y", "delta_y",
+                 "flux", "delta_flux", "SNR", "flux_ap", "delta_flux_ap", "mag_vega",
+                 "delta_mag", "bckgrnd", "chi2_dof", "N_PS", "deblend", "coverage"):
+        assert name in t.colnames
+    assert str(t["flux"].unit) == "uJy"
+    assert str(t["RA"].unit) == "deg"
+    assert str(t["delta_RA"].unit) == "arcsec"
+    assert t.meta["FWHMSRC"] == "MIPS band"
+    assert t.meta["FWHM"] == pytest.approx(5.9)
+    # MIPS 24 um zero point 7.17 Jy: m = 2.5 log10(7.17e6 uJy / f).
+    ok = t["flux"] > 0
+    expect = 2.5 * np.log10(7.17e6 / np.asarray(t["flux"][ok]))
+    assert np.allclose(np.asarray(t["mag_vega"][ok]), expect)
+    # Background column: the synthetic background is 20 MJy/sr +-1%.
+    assert np.all(np.abs(np.asarray(t["bckgrnd"]) - 20.0) < 0.3)
+
+
+def test_completeness_24um(mosaic24, result24):
+    _, found, _ = _match(result24, mosaic24.truth, radius_px=1.0)
+    bright = np.asarray(mosaic24.truth["snr_true"]) >= 10
+    assert bright.sum() > 100
+    assert found[bright].mean() >= 0.90
+
+
+def test_flux_accuracy_24um(mosaic24, result24):
+    idx, found, _ = _match(result24, mosaic24.truth, radius_px=1.0)
+    truth = mosaic24.truth
+    sel = found & (np.asarray(truth["snr_true"]) > 50)
+    assert sel.sum() >= 40
+    true = np.asarray(truth["flux_ujy"])[sel]
+    for col in ("flux", "flux_ap"):
+        ratio = np.asarray(result24[col])[idx[sel]] / true
+        assert abs(np.median(ratio) - 1.0) <= 0.02, col
+        assert _robust_sigma(ratio) <= 0.03, col
+
+
+def test_flux_uncertainties_are_honest(mosaic24, result24):
+    idx, found, _ = _match(result24, mosaic24.truth, radius_px=1.0)
+    truth = mosaic24.truth
+    sel = found & (np.asarray(truth["snr_true"]) > 20)
+    pull = (np.asarray(result24["flux"])[idx[sel]] - np.asarray(truth["flux_ujy"])[sel]) / \
+        np.asarray(result24["delta_flux"])[idx[sel]]
+    assert 0.7 <= _robust_sigma(pull) <= 1.4
+
+
+def test_astrometry_24um(mosaic24, result24):
+    idx, found, _ = _match(result24, mosaic24.truth, radius_px=1.0)
+    truth = mosaic24.truth
+    sel = found & (np.asarray(truth["snr_true"]) > 20)
+    t = result24
+    # Compare on the sky (RA/Dec through the WCS), in arcsec.
+    dra = (np.asarray(t["RA"])[idx[sel]] - np.asarray(truth["ra"])[sel]) * np.cos(
+        np.radians(np.asarray(truth["dec"])[sel])) * 3600.0
+    ddec = (np.asarray(t["Dec"])[idx[sel]] - np.asarray(truth["dec"])[sel]) * 3600.0
+    rms = float(np.sqrt(np.mean(dra**2 + ddec**2)))
+    assert rms <= 0.3
+    # Reported position errors are of the right size (radial pull RMS ~ sqrt(2)).
+    pull2 = (dra / np.asarray(t["delta_RA"])[idx[sel]]) ** 2 + (
+        ddec / np.asarray(t["delta_Dec"])[idx[sel]]) ** 2
+    assert 0.5 < np.sqrt(np.median(pull2) / 1.386) < 1.6
+
+
+def test_spurious_24um(mosaic24, result24):
+    _, _, real = _match(result24, mosaic24.truth, radius_px=1.5)
+    above = np.asarray(result24["SNR"]) > 5
+    assert above.sum() > 100
+    assert (~real[above]).mean() <= 0.02
+
+
+def test_70um_mosaic():
+    m = make_mosaic(shape=(260, 260), pixel_arcsec=4.0, fwhm_arcsec=18.0, n_sources=70,
+                    snr_range=(5.0, 400.0), sigma1_mjysr=0.2, seed=21, channel=2,
+                    min_sep_fwhm=1.0)
+    r_as = 20.0
+    apcorr = gaussian_aperture_correction(fwhm_arcsec=18.0, radius_arcsec=r_as, pixel_arcsec=4.0)
+    t = extract_sources(m.image, m.unc, m.coverage, m.header, fwhm_arcsec=None, band_name="70um",
+                        aperture_radius_arcsec=r_as, aperture_correction=apcorr,
+                        vega_zero_jy=None)
+    assert t.meta["FWHM"] == pytest.approx(18.0)
+    idx, found, real = _match(t, m.truth, radius_px=1.0)
+    snr = np.asarray(m.truth["snr_true"])
+    assert found[snr >= 10].mean() >= 0.90
+    sel = found & (snr > 50)
+    assert sel.sum() >= 10
+    for col in ("flux", "flux_ap"):
+        ratio = np.asarray(t[col])[idx[sel]] / np.asarray(m.truth["flux_ujy"])[sel]
+        assert abs(np.median(ratio) - 1.0) <= 0.02, col
+        assert _robust_sigma(ratio) <= 0.03, col
+    assert (~real[np.asarray(t["SNR"]) > 5]).mean() <= 0.02
+
+
+def test_fwhm_measured_for_non_mips_mosaic():
+    # An IRAC-like mosaic: no INSTRUME, undersampled PSF (1.9" on 1.22" pixels).
+    m = make_mosaic(shape=(300, 300), pixel_arcsec=1.22, fwhm_arcsec=1.9, n_sources=150,
+                    snr_range=(5.0, 500.0), seed=31, channel=None, min_sep_fwhm=2.0)
+    assert "INSTRUME" not in m.header
+    t = extract_sources(m.image, m.unc, m.coverage, m.header, fwhm_arcsec=None,
+                        band_name="IRAC1")
+    assert t.meta["FWHMSRC"] == "measured"
+    assert t.meta["FWHM"] == pytest.approx(1.9, rel=0.05)
+    assert np.all(np.isnan(np.asarray(t["mag_vega"])))  # no zero point: no magnitudes
+    idx, found, _ = _match(t, m.truth, radius_px=1.0)
+    sel = found & (np.asarray(m.truth["snr_true"]) > 50)
+    ratio = np.asarray(t["flux"])[idx[sel]] / np.asarray(m.truth["flux_ujy"])[sel]
+    assert abs(np.median(ratio) - 1.0) <= 0.03
+
+
+def test_blend_is_fitted_jointly():
+    ra0, dec0 = 150.0, 2.0
+    sep_as = 5.9  # one FWHM apart: one merged peak or two touching ones
+    ra = np.array([ra0, ra0 + sep_as / 3600.0 / np.cos(np.radians(dec0)), ra0 + 0.02])
+    dec = np.array([dec0, dec0, dec0 + 0.01])
+    flux = np.array([3000.0, 2000.0, 2500.0])  # S/N ~ 400-600
+    m = make_mosaic(shape=(200, 200), truth_radec=(ra, dec, flux), sigma1_mjysr=0.03, seed=41,
+                    ra0=ra0 + 0.005, dec0=dec0 + 0.004)
+    t = extract_sources(m.image, m.unc, m.coverage, m.header, fwhm_arcsec=5.9,
+                        band_name="24um")
+    idx, found, _ = _match(t, m.truth, radius_px=1.0)
+    assert found.all()
+    got = np.asarray(t["flux"])[idx]
+    assert np.allclose(got, flux, rtol=0.05)
+    assert list(np.asarray(t["N_PS"])[idx]) == [2, 2, 1]
+    assert list(np.asarray(t["deblend"])[idx]) == [1, 1, 0]
+
+
+def test_bad_inputs_raise():
+    m = make_mosaic(shape=(64, 64), n_sources=3, seed=5)
+    with pytest.raises(ExtractionError, match="shape"):
+        extract_sources(m.image, m.unc[:10], m.coverage, m.header, fwhm_arcsec=None,
+                        band_name="24um")
+    with pytest.raises(ExtractionError, match="no usable pixel"):
+        extract_sources(m.image, m.unc, np.zeros_like(m.coverage), m.header, fwhm_arcsec=None,
+                        band_name="24um")
+    with pytest.raises(BackgroundError):
+        estimate_background(np.full((40, 40), np.nan))
+
+
+def test_background_recovers_smooth_sky():
+    m = make_mosaic(shape=(256, 256), n_sources=60, seed=7)
+    yy, xx = np.mgrid[0:256, 0:256]
+    true = 20.0 * (1 + 0.01 * (xx / 256) + 0.005 * np.sin(yy / 256 * 3.0))
+    bkg, rms = estimate_background(m.image, box_px=40)
+    # Per-pixel noise is 0.03/sqrt(4..12) ~ 0.01 MJy/sr; the sky is good to a tenth of that.
+    assert np.sqrt(np.mean((bkg - true) ** 2)) < 0.002
+    assert np.median(rms) == pytest.approx(np.median(m.unc), rel=0.2)
+
+
+def test_without_unc_map_uses_background_rms():
+    m = make_mosaic(shape=(200, 200), n_sources=40, snr_range=(20.0, 300.0), seed=51,
+                    min_sep_fwhm=2.0)
+    t = extract_sources(m.image, None, m.coverage, m.header, fwhm_arcsec=None, band_name="24um")
+    idx, found, _ = _match(t, m.truth, radius_px=1.0)
+    assert found.mean() >= 0.9
+    ratio = np.asarray(t["flux"])[idx[found]] / np.asarray(m.truth["flux_ujy"])[found]
+    assert abs(np.median(ratio) - 1.0) <= 0.03
