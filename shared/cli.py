@@ -339,7 +339,7 @@ async def _demo(args: argparse.Namespace) -> int:
     paths = await asyncio.to_thread(write_demo_inputs, inputs)
     for p in paths:
         print(f"  {p}")
-    args.paths = [str(inputs)]
+    args.paths = [str(inputs / "inputs")]
     rc = await _run(args)
     from simulator.demo import print_demo_summary
 

@@ -1,0 +1,56 @@
+"""One real run of the whole pipeline (embedded nats-server, five services, local store) on
+the default simulated MIPS AOR, shared by the integration and science-truth tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from shared.cli import RunWatch, pipeline, submit_and_wait
+from shared.store import ObjectStore
+
+
+@dataclass
+class PipelineRun:
+    watch: RunWatch
+    store_root: Path
+    out_dir: Path
+    inputs: Path
+    sim: object  #: simulator.mips.SimulatedAOR with the truth
+
+    @property
+    def store(self) -> ObjectStore:
+        return ObjectStore(str(self.store_root))
+
+    def products(self, level: str, product_type: str | None = None) -> list:
+        return [p for p in self.watch.products
+                if p.level == level and (product_type is None or p.product_type == product_type)]
+
+
+def run_pipeline(inputs: Path, data: Path, out: Path, *, workers: int = 2) -> RunWatch:
+    async def go() -> RunWatch:
+        async with pipeline(data, calibrate_workers=workers) as (url, store):
+            return await submit_and_wait(url, store, [str(inputs)], out_dir=out, quiet=True,
+                                         timeout_s=600)
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="session")
+def mips_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineRun]:
+    from simulator import mips
+
+    root = tmp_path_factory.mktemp("mips_run")
+    inputs = root / "inputs"
+    inputs.mkdir()
+    cfg = mips.MipsAORConfig()
+    sim = mips.simulate_aor(cfg)
+    (inputs / f"mips_aor_{cfg.aorkey}.tlm").write_bytes(sim.telemetry)
+    for hdul in sim.calibration:
+        hdul.writeto(inputs / str(hdul[0].header["FILENAME"]))
+    watch = run_pipeline(inputs, root / "data", root / "products")
+    yield PipelineRun(watch, root / "data" / "store", root / "products", inputs, sim)

@@ -1,0 +1,107 @@
+"""Products move through all five services on a real nats-server and land in the store."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from astropy.io import fits
+
+from shared.messages import ProductRef
+from tests.integration.conftest import PipelineRun, run_pipeline
+
+
+def _verify_all(run: PipelineRun, refs: list[ProductRef]) -> list[str]:
+    async def check() -> list[str]:
+        store = run.store
+        bad = []
+        for ref in refs:
+            for obj in (ref.primary, *ref.companions):
+                if not await store.verify(obj):
+                    bad.append(obj.key)
+        return bad
+
+    return asyncio.run(check())
+
+
+def test_every_level_is_produced_and_stored_with_its_sha256(mips_run: PipelineRun) -> None:
+    sim = mips_run.sim
+    n24 = sum(1 for r in sim.truth_pointing if r["channel"] == 1)  # type: ignore[attr-defined]
+    n70 = sum(1 for r in sim.truth_pointing if r["channel"] == 2 and not r["is_stim"])  # type: ignore[attr-defined]
+    counts = {(p.level, p.product_type) for p in mips_run.watch.products}
+    assert {("telemetry", "dce"), ("decoded", "raw"), ("calibrated", "bcd"),
+            ("mosaicked", "maic"), ("sources", "sources"), ("sources", "bandmerged")} <= counts
+    assert len(mips_run.products("calibrated", "bcd")) == n24 + n70
+    assert len(mips_run.products("mosaicked", "maic")) == 2
+    assert len(mips_run.products("sources", "bandmerged")) == 1
+    assert not mips_run.watch.dead, [d.reason for d in mips_run.watch.dead]
+    assert _verify_all(mips_run, mips_run.watch.products) == []
+
+
+def test_bcd_companions_and_spitzer_names(mips_run: PipelineRun) -> None:
+    for ref in mips_run.products("calibrated", "bcd"):
+        roles = {c.role for c in ref.companions}
+        assert {"bunc", "mask"} <= roles
+        name = ref.key.rsplit("/", 1)[-1]
+        o = ref.obs
+        assert name == f"SPITZER_M{o.channel}_{o.aorkey}_{o.expid:04d}_{o.dcenum:04d}_{ref.version}_bcd.fits"
+        if o.channel == 2:
+            assert "fbcd" in roles
+
+
+def test_final_products_copied_out(mips_run: PipelineRun) -> None:
+    names = {p.name for p in mips_run.out_dir.iterdir()}
+    assert any(n.endswith("_maic.fits") for n in names)
+    assert any(n.endswith("_maic.png") for n in names)
+    assert any(n.endswith("bandmerged.tbl") for n in names)
+
+
+@pytest.mark.skipif(shutil.which("fitsverify") is None, reason="Debian fitsverify not installed")
+def test_every_fits_product_passes_fitsverify(mips_run: PipelineRun) -> None:
+    kinds: dict[tuple[str, str], Path] = {}
+    for ref in mips_run.watch.products:
+        for obj in (ref.primary, *ref.companions):
+            if obj.key.endswith(".fits"):
+                kinds.setdefault((ref.product_type, obj.role), mips_run.store_root / obj.key)
+    failures = []
+    for kind, path in sorted(kinds.items()):
+        out = subprocess.run(["fitsverify", "-q", str(path)], capture_output=True, text=True)
+        if out.returncode != 0 or "OK" not in out.stdout:
+            failures.append(f"{kind}: {out.stdout.strip()} {out.stderr.strip()}")
+    assert len(kinds) >= 8
+    assert not failures, failures
+
+
+def test_bcd_headers_carry_spitzer_keywords(mips_run: PipelineRun) -> None:
+    ref = mips_run.products("calibrated", "bcd")[0]
+    header = fits.getheader(mips_run.store_root / ref.key)
+    for key in ("TELESCOP", "INSTRUME", "CHNLNUM", "AORKEY", "EXPID", "DCENUM", "EXPTIME",
+                "DATE_OBS", "MJD_OBS", "BUNIT", "FLUXCONV", "PXSCAL1", "PXSCAL2", "CREATOR"):
+        assert key in header, key
+    assert header["BUNIT"] == "MJy/sr" and header["CTYPE1"] == "RA---TAN-SIP"
+
+
+def test_corrupt_telemetry_is_dead_lettered_and_the_rest_processed(tmp_path: Path) -> None:
+    from simulator import mips
+
+    cfg = mips.MipsAORConfig.small(channels=(1,))
+    sim = mips.simulate_aor(cfg)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    data = bytearray(sim.telemetry)
+    data[len(data) // 2] ^= 0xFF  # one corrupt packet in the middle of the AOR
+    (inputs / "aor.tlm").write_bytes(bytes(data))
+    (inputs / "not_telemetry.txt").write_bytes(b"hello, this is not telemetry\n")
+    for hdul in sim.calibration:
+        hdul.writeto(inputs / str(hdul[0].header["FILENAME"]))
+    watch = run_pipeline(inputs, tmp_path / "data", tmp_path / "out", workers=1)
+    reasons = " | ".join(d.reason for d in watch.dead)
+    assert any("not_telemetry.txt" in d.reason for d in watch.dead), reasons
+    assert any("aor.tlm" in d.reason for d in watch.dead), reasons
+    n_dce = len(sim.raw_dces)  # type: ignore[attr-defined]
+    bcds = [p for p in watch.products if p.product_type == "bcd"]
+    assert n_dce - 2 <= len(bcds) < n_dce  # the corrupt DCE lost, the good ones all calibrated
+    assert any(p.product_type == "maic" for p in watch.products)
