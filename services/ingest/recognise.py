@@ -65,7 +65,8 @@ def classify(name: str, data: bytes) -> tuple[InputKind, fits.Header | None]:
                 names = {h.name.upper() for h in hdul}
             if names & {"ATTITUDE", "HOUSEKEEPING"} or "ATTITUDE" in name.upper():
                 return InputKind.TAUVEX_ATTITUDE, header
-        if str(header.get("TELESCOP", "")).lower().startswith("spitzer") or SPITZER_NAME.match(name):
+        telescope = str(header.get("TELESCOP", "")).strip().lower()
+        if telescope in ("spitzer", "sirtf") or SPITZER_NAME.match(name):
             return InputKind.SPITZER_FITS, header
         raise ValueError(
             "FITS file not recognised: expected a Spitzer raw/BCD product (TELESCOP='Spitzer'), "

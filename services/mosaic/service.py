@@ -75,7 +75,8 @@ class MosaicService(Service):
         c = self.config
         mosaic = await ctx.run(
             build_mosaic, frames, pixel_arcsec=c.pixel_arcsec or None,
-            drop_first_dce=c.drop_first_dce, self_flat=c.self_flat,
+            # the first-frame effect is a MIPS detector property; other instruments keep DCENUM 0
+            drop_first_dce=c.drop_first_dce and ref.instrument == "MIPS", self_flat=c.self_flat,
             match_background=c.match_background, outlier_sigma=c.outlier_sigma)
         o = ref.obs
         inst, ch, aor = ref.instrument, int(o.channel or 0), int(o.aorkey or 0)

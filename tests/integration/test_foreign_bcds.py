@@ -1,0 +1,76 @@
+"""Spitzer-format BCDs that the simulator did not make (an IRAC header from astropy's test data
+as the keyword model) go through `skybus run` to a mosaic and a source list."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from astropy.utils.data import get_pkg_data_filename
+from astropy.wcs import WCS
+
+FWHM_ARCSEC = 1.9
+
+
+def _write_bcds(folder: Path, rng: np.random.Generator) -> Table:
+    path = get_pkg_data_filename("data/irac_sip.hdr", package="astropy.wcs.tests")
+    template = fits.Header.fromfile(path, sep="", endcard=True, padding=False)
+    ra0, dec0 = float(template["CRVAL1"]), float(template["CRVAL2"])
+    n_src = 25
+    truth = Table({
+        "ra": ra0 + rng.uniform(-60, 60, n_src) / 3600 / np.cos(np.radians(dec0)),
+        "dec": dec0 + rng.uniform(-60, 60, n_src) / 3600,
+        "flux_ujy": 10 ** rng.uniform(2.5, 4.0, n_src),
+    })
+    ny, nx = int(template["NAXIS2"]), int(template["NAXIS1"])
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    for k, (dx, dy) in enumerate([(0, 0), (8, 3), (-6, 9), (4, -7), (-9, -4), (10, 10)]):
+        h = template.copy()
+        h["CRVAL1"] = ra0 + dx / 3600 / np.cos(np.radians(dec0))
+        h["CRVAL2"] = dec0 + dy / 3600
+        h["AORKEY"] = 4242
+        h["EXPID"] = k
+        h["DCENUM"] = 0
+        h["BUNIT"] = "MJy/sr"
+        wcs = WCS(h, relax=True)
+        pix_arcsec = abs(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) * 3600
+        ujy_per_mjysr = 1e12 / 4.254517e10 * pix_arcsec**2
+        sigma_px = FWHM_ARCSEC / 2.3548 / pix_arcsec
+        x, y = wcs.all_world2pix(truth["ra"], truth["dec"], 0)
+        image = np.full((ny, nx), 0.2, dtype=np.float64)
+        for xi, yi, f in zip(x, y, truth["flux_ujy"], strict=True):
+            image += (f / ujy_per_mjysr / (2 * np.pi * sigma_px**2)
+                      * np.exp(-((xx - xi) ** 2 + (yy - yi) ** 2) / (2 * sigma_px**2)))
+        image += rng.normal(0, 0.02, image.shape)
+        name = f"SPITZER_I1_4242_{k:04d}_0000_1_bcd.fits"
+        fits.PrimaryHDU(image.astype(np.float32), header=h).writeto(folder / name)
+    return truth
+
+
+def test_foreign_spitzer_bcds_make_a_mosaic_and_a_source_list(tmp_path: Path) -> None:
+    inputs = tmp_path / "bcds"
+    inputs.mkdir()
+    truth = _write_bcds(inputs, np.random.default_rng(3))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "run", str(inputs), "--out", str(out),
+         "--data", str(tmp_path / "data"), "--timeout", "300"],
+        capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    maic = list(out.glob("*_maic.fits"))
+    tbl = list(out.glob("*_sources.tbl"))
+    assert len(maic) == 1 and len(tbl) == 1, proc.stdout
+    assert maic[0].name.startswith("SPITZER_I1_4242_")
+    sources = Table.read(tbl[0], format="ascii.ipac")
+    # the bright injected sources are found where they were put
+    bright = truth[truth["flux_ujy"] > 1000]
+    found = 0
+    for row in bright:
+        sep = np.hypot((sources["RA"] - row["ra"]) * np.cos(np.radians(row["dec"])),
+                       sources["Dec"] - row["dec"]) * 3600
+        found += bool(sep.min() < 1.0)
+    assert found >= 0.9 * len(bright), (found, len(bright))

@@ -1,0 +1,76 @@
+"""A simulated TAUVEX scan through all five services: every level a product in the store."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from astropy.io import fits
+
+from shared.store import ObjectStore
+from tests.integration.conftest import run_pipeline
+
+
+@pytest.fixture(scope="module")
+def tauvex_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from simulator import tauvex
+
+    root = tmp_path_factory.mktemp("tauvex_run")
+    inputs = root / "inputs"
+    inputs.mkdir()
+    sim = tauvex.simulate_scan(tauvex.ScanConfig())
+    (inputs / "scan_level0.bin").write_bytes(sim.level0)
+    (inputs / "scan_attitude.fits").write_bytes(sim.attitude)
+    watch = run_pipeline(inputs, root / "data", root / "out", workers=2)
+    return watch, root / "data" / "store"
+
+
+def test_every_tauvex_level_is_a_stored_product(tauvex_run) -> None:  # type: ignore[no-untyped-def]
+    watch, store_root = tauvex_run
+    kinds = [(p.level, p.product_type) for p in watch.products]
+    assert kinds.count(("telemetry", "level1")) == 1
+    for kind in (("decoded", "level1a"), ("calibrated", "level1g"), ("mosaicked", "level2"),
+                 ("sources", "sources")):
+        assert kinds.count(kind) == 3, (kind, kinds)
+    assert kinds.count(("sources", "bandmerged")) == 1
+    assert not watch.dead, [d.reason for d in watch.dead]
+
+    async def verify() -> list[str]:
+        store = ObjectStore(str(store_root))
+        return [o.key for p in watch.products for o in (p.primary, *p.companions)
+                if not await store.verify(o)]
+
+    assert asyncio.run(verify()) == []
+
+
+def test_tauvex_headers_carry_module_versions(tauvex_run) -> None:  # type: ignore[no-untyped-def]
+    watch, store_root = tauvex_run
+    level1g = next(p for p in watch.products if p.product_type == "level1g")
+    with fits.open(store_root / level1g.key) as hdul:
+        h = hdul["EVENTS"].header
+        for key in ("TELESCOP", "TELE_NUM", "FILTER", "STARTOBS", "ENDOBS", "NFRAMES", "NCOUNTS",
+                    "CRT_LV1A", "VALIDATE", "CALC_XY", "GET_CAL", "APPL_CAL", "FLAT_FLD",
+                    "GEO_CORR", "CALC_RA", "REGISTER"):
+            assert key in h, key
+        assert hdul["EVENTS"].columns.names[:13] == [
+            "W", "S", "Z", "VALIDITY", "X", "Y", "CALIB", "GEOCORRX", "GEOCORRY", "RA", "DEC",
+            "GLON", "GLAT"]
+
+
+@pytest.mark.skipif(shutil.which("fitsverify") is None, reason="Debian fitsverify not installed")
+def test_tauvex_products_pass_fitsverify(tauvex_run) -> None:  # type: ignore[no-untyped-def]
+    watch, store_root = tauvex_run
+    seen: dict[str, Path] = {}
+    for p in watch.products:
+        for o in (p.primary, *p.companions):
+            if o.key.endswith(".fits"):
+                seen.setdefault(p.product_type + o.role, store_root / o.key)
+    bad = []
+    for kind, path in seen.items():
+        out = subprocess.run(["fitsverify", "-q", str(path)], capture_output=True, text=True)
+        if out.returncode != 0 or "OK" not in out.stdout:
+            bad.append((kind, out.stdout.strip()))
+    assert len(seen) >= 5 and not bad, bad
