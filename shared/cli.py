@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from shared import bus, messages, subjects
 from shared.config import load_config
@@ -125,7 +126,8 @@ async def pipeline(
     try:
         # every replica bound its consumer, or one failed to start: whichever comes first
         all_ready = asyncio.ensure_future(asyncio.gather(*(r.ready.wait() for r in runners)))
-        await asyncio.wait([all_ready, *tasks], return_when=asyncio.FIRST_COMPLETED, timeout=60)
+        waiting: list[asyncio.Future[Any]] = [all_ready, *tasks]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED, timeout=60)
         all_ready.cancel()
         for t in tasks:
             if t.done() and t.exception():

@@ -54,8 +54,10 @@ class CalibrateService(Service):
     def _mips_config(self) -> object:
         from services.calibrate.mips.config import MipsCalibrateConfig
 
-        return MipsCalibrateConfig(first_dce_depression=self.config.first_dce_depression,
-                                   early_dce_depression=self.config.early_dce_depression)
+        return MipsCalibrateConfig(
+            first_dce_depression=self.config.first_dce_depression,
+            early_dce_depression=self.config.early_dce_depression,
+        )
 
     async def _calibration(self, channel: int, ctx: Context) -> object:
         from services.calibrate.mips.calfiles import MipsCalibration
@@ -68,25 +70,45 @@ class CalibrateService(Service):
             self._cal_cache[cache_key] = MipsCalibration.from_hdus(hdus, names=names)
         return self._cal_cache[cache_key]
 
-    async def _emit_bcd(self, products: object, ctx: Context, *, version: int, group: Group | None,
-                        parents: tuple[str, ...], meta: dict[str, str | int | float | bool]) -> None:
+    async def _emit_bcd(
+        self,
+        products: object,
+        ctx: Context,
+        *,
+        version: int,
+        group: Group | None,
+        parents: tuple[str, ...],
+        meta: dict[str, str | int | float | bool],
+    ) -> None:
         from services.calibrate.mips.bcd import BCDProducts, mask_kind
 
         assert isinstance(products, BCDProducts)
         ch = products.channel
-        files = [ProductFile.fits("bcd", products.names["bcd"], products.bcd),
-                 ProductFile.fits("bunc", products.names["bunc"], products.bunc),
-                 ProductFile.fits("mask", products.names[mask_kind(ch)], products.mask)]
+        files = [
+            ProductFile.fits("bcd", products.names["bcd"], products.bcd),
+            ProductFile.fits("bunc", products.names["bunc"], products.bunc),
+            ProductFile.fits("mask", products.names[mask_kind(ch)], products.mask),
+        ]
         if products.fbcd is not None:
             files.append(ProductFile.fits("fbcd", products.names["fbcd"], products.fbcd))
         for f in (products.bcd, products.bunc, products.mask):
             fitsio.add_provenance(f[0].header, step="calibrate", parents=parents)
-        await ctx.emit(ProductOut(
-            instrument="MIPS", level=Level.CALIBRATED, product_type="bcd",
-            obs=ObsId(aorkey=products.aorkey, channel=ch, expid=products.expid,
-                      dcenum=products.dcenum),
-            files=files, subdir=f"aor{products.aorkey}/ch{ch}", version=version,
-            parents=parents, group=group, meta=meta))
+        await ctx.emit(
+            ProductOut(
+                instrument="MIPS",
+                level=Level.CALIBRATED,
+                product_type="bcd",
+                obs=ObsId(
+                    aorkey=products.aorkey, channel=ch, expid=products.expid, dcenum=products.dcenum
+                ),
+                files=files,
+                subdir=f"aor{products.aorkey}/ch{ch}",
+                version=version,
+                parents=parents,
+                group=group,
+                meta=meta,
+            )
+        )
 
     async def _mips24(self, ref: ProductRef, ctx: Context) -> None:
         from services.calibrate.mips.pipeline import calibrate_mips24_dce
@@ -95,11 +117,18 @@ class CalibrateService(Service):
         cal = await self._calibration(1, ctx)
         o = ref.obs
         version = await ctx.version(f"MIPS.bcd.{o.aorkey}.1.{o.expid}.{o.dcenum}")
-        products = await ctx.run(calibrate_mips24_dce, raw, cal, self._mips_config(),
-                                 creator=fitsio.CREATOR, version=version)
+        products = await ctx.run(
+            calibrate_mips24_dce,
+            raw,
+            cal,
+            self._mips_config(),
+            creator=fitsio.CREATOR,
+            version=version,
+        )
         group = ref.group and Group(f"MIPS-{o.aorkey}-ch1-bcd", ref.group.index, ref.group.count)
-        await self._emit_bcd(products, ctx, version=version, group=group, parents=(ref.key,),
-                             meta=ref.meta)
+        await self._emit_bcd(
+            products, ctx, version=version, group=group, parents=(ref.key,), meta=ref.meta
+        )
 
     async def _mips_ge(self, ref: ProductRef, ctx: Context) -> None:
         from services.calibrate.mips.pipeline import calibrate_ge_group
@@ -114,13 +143,23 @@ class CalibrateService(Service):
         o = ref.obs
         cal = await self._calibration(int(o.channel or 0), ctx)
         version = await ctx.version(f"MIPS.bcdgroup.{o.aorkey}.{o.channel}")
-        results = await ctx.run(calibrate_ge_group, raws, cal, self._mips_config(),
-                                creator=fitsio.CREATOR, version=version)
+        results = await ctx.run(
+            calibrate_ge_group,
+            raws,
+            cal,
+            self._mips_config(),
+            creator=fitsio.CREATOR,
+            version=version,
+        )
         for index, products in enumerate(results):
             await self._emit_bcd(
-                products, ctx, version=version,
+                products,
+                ctx,
+                version=version,
                 group=Group(f"MIPS-{o.aorkey}-ch{o.channel}-bcd", index, len(results)),
-                parents=tuple(keys), meta=ref.meta)
+                parents=tuple(keys),
+                meta=ref.meta,
+            )
         ctx.group_done_after_publish(ref.group.id, ref.version)
 
     # --- TAUVEX ---------------------------------------------------------------------------
@@ -141,13 +180,23 @@ class CalibrateService(Service):
                 continue  # decode's product already
             fitsio.add_provenance(hdul[0].header, step=f"calibrate {level}", parents=(ref.key,))
             version = await ctx.version(f"TAUVEX.level{level}.{scan}.{tele}")
-            await ctx.emit(ProductOut(
-                instrument="TAUVEX", level=Level.CALIBRATED, product_type=f"level{level}",
-                obs=ref.obs,
-                files=[ProductFile.fits(f"level{level}", tauvex_name(level, scan, tele, version),
-                                        hdul)],
-                subdir=f"scan{scan:04d}", version=version, parents=(ref.key,),
-                meta={"level1": level1_key}))
+            await ctx.emit(
+                ProductOut(
+                    instrument="TAUVEX",
+                    level=Level.CALIBRATED,
+                    product_type=f"level{level}",
+                    obs=ref.obs,
+                    files=[
+                        ProductFile.fits(
+                            f"level{level}", tauvex_name(level, scan, tele, version), hdul
+                        )
+                    ],
+                    subdir=f"scan{scan:04d}",
+                    version=version,
+                    parents=(ref.key,),
+                    meta={"level1": level1_key},
+                )
+            )
 
 
 SERVICE = CalibrateService

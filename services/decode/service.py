@@ -45,15 +45,23 @@ class DecodeService(Service):
         o = ref.obs
         version = await ctx.version(f"MIPS.raw.{o.aorkey}.{o.channel}.{o.expid}.{o.dcenum}")
         name = raw_product_name(raw[0].header, version)
-        await ctx.emit(ProductOut(
-            instrument="MIPS", level=Level.DECODED, product_type="raw", obs=ref.obs,
-            files=[ProductFile.fits("raw", name, raw)],
-            subdir=f"aor{ref.obs.aorkey}/ch{ref.obs.channel}",
-            version=version, parents=(ref.key,),
-            group=ref.group and type(ref.group)(ref.group.id.replace("-dce", "-raw"),
-                                                ref.group.index, ref.group.count),
-            meta=ref.meta,
-        ))
+        await ctx.emit(
+            ProductOut(
+                instrument="MIPS",
+                level=Level.DECODED,
+                product_type="raw",
+                obs=ref.obs,
+                files=[ProductFile.fits("raw", name, raw)],
+                subdir=f"aor{ref.obs.aorkey}/ch{ref.obs.channel}",
+                version=version,
+                parents=(ref.key,),
+                group=ref.group
+                and type(ref.group)(
+                    ref.group.id.replace("-dce", "-raw"), ref.group.index, ref.group.count
+                ),
+                meta=ref.meta,
+            )
+        )
 
     async def _tauvex_level1(self, ref: ProductRef, ctx: Context) -> None:
         from services.decode.tauvex.level1a import make_level1a
@@ -65,13 +73,21 @@ class DecodeService(Service):
         for tele, hdul in sorted(products.items()):
             fitsio.add_provenance(hdul[0].header, step="decode", parents=(ref.key,))
             version = await ctx.version(f"TAUVEX.level1a.{scan}.{tele}")
-            await ctx.emit(ProductOut(
-                instrument="TAUVEX", level=Level.DECODED, product_type="level1a",
-                obs=ObsId(scan=scan, telescope=tele),
-                files=[ProductFile.fits("level1a", tauvex_name("1a", scan, tele, version), hdul)],
-                subdir=f"scan{scan:04d}", version=version, parents=(ref.key,),
-                meta={"level1": ref.key},
-            ))
+            await ctx.emit(
+                ProductOut(
+                    instrument="TAUVEX",
+                    level=Level.DECODED,
+                    product_type="level1a",
+                    obs=ObsId(scan=scan, telescope=tele),
+                    files=[
+                        ProductFile.fits("level1a", tauvex_name("1a", scan, tele, version), hdul)
+                    ],
+                    subdir=f"scan{scan:04d}",
+                    version=version,
+                    parents=(ref.key,),
+                    meta={"level1": ref.key},
+                )
+            )
 
 
 def tauvex_name(level: str, scan: int, telescope: int, version: int, suffix: str = "fits") -> str:

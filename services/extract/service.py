@@ -60,7 +60,9 @@ class ExtractService(Service):
         for m in json.loads(await ctx.read(manifest_key))["frames"]:
             bunc = await ctx.read_fits(m["bunc"]) if m["bunc"] else None
             mask = await ctx.read_fits(m["mask"]) if m["mask"] else None
-            frames.append(BCDFrame.from_hdus(await ctx.read_fits(m["key"]), bunc, mask, key=m["key"]))
+            frames.append(
+                BCDFrame.from_hdus(await ctx.read_fits(m["key"]), bunc, mask, key=m["key"])
+            )
         return frames
 
     async def _post_bcd(self, ref: ProductRef, ctx: Context) -> None:
@@ -75,25 +77,50 @@ class ExtractService(Service):
         header = maic[0].header
         band = band_name(inst, ch)
         table: Table = await ctx.run(
-            extract_sources, maic[0].data, unc, cov, header, fwhm_arcsec=None, band_name=band,
-            detect_sigma=self.config.detect_sigma)
+            extract_sources,
+            maic[0].data,
+            unc,
+            cov,
+            header,
+            fwhm_arcsec=None,
+            band_name=band,
+            detect_sigma=self.config.detect_sigma,
+        )
         stem = ref.key.rsplit("/", 1)[-1].removesuffix("_maic.fits")
         version = ref.version
         cards = {k: header[k] for k in ("TELESCOP", "INSTRUME", "CHNLNUM", "AORKEY") if k in header}
         hdul = await ctx.run(to_fits_hdulist, table, cards)
         fitsio.add_provenance(hdul[0].header, step="extract", parents=(ref.key,))
-        await ctx.emit(ProductOut(
-            instrument=inst, level=Level.SOURCES, product_type="sources",
-            obs=ObsId(aorkey=aor, channel=ch),
-            files=[ProductFile("tbl", f"{stem}_sources.tbl", await ctx.run(to_ipac_bytes, table)),
-                   ProductFile.fits("fits", f"{stem}_sources.fits", hdul)],
-            subdir=f"aor{aor}/ch{ch}", version=version, parents=(ref.key,),
-            meta={"n_sources": len(table), "band": band}))
+        await ctx.emit(
+            ProductOut(
+                instrument=inst,
+                level=Level.SOURCES,
+                product_type="sources",
+                obs=ObsId(aorkey=aor, channel=ch),
+                files=[
+                    ProductFile("tbl", f"{stem}_sources.tbl", await ctx.run(to_ipac_bytes, table)),
+                    ProductFile.fits("fits", f"{stem}_sources.fits", hdul),
+                ],
+                subdir=f"aor{aor}/ch{ch}",
+                version=version,
+                parents=(ref.key,),
+                meta={"n_sources": len(table), "band": band},
+            )
+        )
         if ref.group is None or ref.group.count < 2:
             return
-        arrival = await ctx.arrive(ref.group, version=ref.version, member_key=json.dumps(
-            {"maic": ref.key, "frames": getattr(ref.file("frames"), "key", ""), "channel": ch,
-             "sources": ctx.outputs[-1].companions[0].key}))
+        arrival = await ctx.arrive(
+            ref.group,
+            version=ref.version,
+            member_key=json.dumps(
+                {
+                    "maic": ref.key,
+                    "frames": getattr(ref.file("frames"), "key", ""),
+                    "channel": ch,
+                    "sources": ctx.outputs[-1].companions[0].key,
+                }
+            ),
+        )
         if not arrival.trigger:
             return
         await self._bandmerge(ref, arrival.members, ctx)
@@ -113,19 +140,29 @@ class ExtractService(Service):
             lists[band] = from_fits_bytes(await ctx.read(m["sources"]))
             frames_by_band[band] = await self._frames(m["frames"], ctx)
             parents.append(m["sources"])
-        merged: Table = await ctx.run(bandmerge, lists, frames_by_band=frames_by_band,
-                                      nsigma=self.config.upper_limit_sigma)
+        merged: Table = await ctx.run(
+            bandmerge, lists, frames_by_band=frames_by_band, nsigma=self.config.upper_limit_sigma
+        )
         version = await ctx.version(f"{inst}.bandmerged.{aor}")
         name = f"SPITZER_{inst[0]}_{aor}_{version}_bandmerged"
         hdul = await ctx.run(to_fits_hdulist, merged, {"AORKEY": aor, "INSTRUME": inst})
         fitsio.add_provenance(hdul[0].header, step="bandmerge", parents=parents)
-        await ctx.emit(ProductOut(
-            instrument=inst, level=Level.SOURCES, product_type="bandmerged",
-            obs=ObsId(aorkey=aor),
-            files=[ProductFile("tbl", f"{name}.tbl", await ctx.run(to_ipac_bytes, merged)),
-                   ProductFile.fits("fits", f"{name}.fits", hdul)],
-            subdir=f"aor{aor}", version=version, parents=tuple(parents),
-            meta={"n_sources": len(merged), "bands": ",".join(lists)}))
+        await ctx.emit(
+            ProductOut(
+                instrument=inst,
+                level=Level.SOURCES,
+                product_type="bandmerged",
+                obs=ObsId(aorkey=aor),
+                files=[
+                    ProductFile("tbl", f"{name}.tbl", await ctx.run(to_ipac_bytes, merged)),
+                    ProductFile.fits("fits", f"{name}.fits", hdul),
+                ],
+                subdir=f"aor{aor}",
+                version=version,
+                parents=tuple(parents),
+                meta={"n_sources": len(merged), "bands": ",".join(lists)},
+            )
+        )
 
     async def _tauvex(self, ref: ProductRef, ctx: Context) -> None:
         from services.extract.tauvex.bandmerge import band_merge
@@ -137,16 +174,31 @@ class ExtractService(Service):
         stem = ref.key.rsplit("/", 1)[-1].removesuffix(".fits")
         hdul = await ctx.run(table_to_fits, table)
         fitsio.add_provenance(hdul[0].header, step="extract", parents=(ref.key,))
-        sources = await ctx.emit(ProductOut(
-            instrument="TAUVEX", level=Level.SOURCES, product_type="sources", obs=ref.obs,
-            files=[ProductFile.fits("fits", f"{stem}_sources.fits", hdul),
-                   ProductFile("tbl", f"{stem}_sources.tbl", table_to_ipac(table).encode())],
-            subdir=f"scan{scan:04d}", version=ref.version, parents=(ref.key,),
-            meta={"n_sources": len(table), "filter": str(ref.meta.get("filter", ""))}))
+        sources = await ctx.emit(
+            ProductOut(
+                instrument="TAUVEX",
+                level=Level.SOURCES,
+                product_type="sources",
+                obs=ref.obs,
+                files=[
+                    ProductFile.fits("fits", f"{stem}_sources.fits", hdul),
+                    ProductFile("tbl", f"{stem}_sources.tbl", table_to_ipac(table).encode()),
+                ],
+                subdir=f"scan{scan:04d}",
+                version=ref.version,
+                parents=(ref.key,),
+                meta={"n_sources": len(table), "filter": str(ref.meta.get("filter", ""))},
+            )
+        )
         if ref.group is None:
             return
-        arrival = await ctx.arrive(ref.group, version=1, member_key=json.dumps(
-            {"image": ref.key, "sources": sources.key, "filter": ref.meta.get("filter", tele)}))
+        arrival = await ctx.arrive(
+            ref.group,
+            version=1,
+            member_key=json.dumps(
+                {"image": ref.key, "sources": sources.key, "filter": ref.meta.get("filter", tele)}
+            ),
+        )
         if not arrival.trigger:
             return
         images, lists, parents = {}, {}, []
@@ -155,19 +207,29 @@ class ExtractService(Service):
             images[str(m["filter"])] = await ctx.read_fits(m["image"])
             lists[str(m["filter"])] = Table.read((await ctx.read_fits(m["sources"]))[1])
             parents.append(m["sources"])
-        merged: Table = await ctx.run(band_merge, images, lists,
-                                      ulim_sigma=self.config.upper_limit_sigma)
+        merged: Table = await ctx.run(
+            band_merge, images, lists, ulim_sigma=self.config.upper_limit_sigma
+        )
         version = await ctx.version(f"TAUVEX.bandmerged.{scan}")
         name = f"TAUVEX_S{scan:04d}_bandmerged_{version}"
         hdul = await ctx.run(table_to_fits, merged)
         fitsio.add_provenance(hdul[0].header, step="bandmerge", parents=parents)
-        await ctx.emit(ProductOut(
-            instrument="TAUVEX", level=Level.SOURCES, product_type="bandmerged",
-            obs=ObsId(scan=scan),
-            files=[ProductFile.fits("fits", f"{name}.fits", hdul),
-                   ProductFile("tbl", f"{name}.tbl", table_to_ipac(merged).encode())],
-            subdir=f"scan{scan:04d}", version=version, parents=tuple(parents),
-            meta={"n_sources": len(merged), "filters": ",".join(images)}))
+        await ctx.emit(
+            ProductOut(
+                instrument="TAUVEX",
+                level=Level.SOURCES,
+                product_type="bandmerged",
+                obs=ObsId(scan=scan),
+                files=[
+                    ProductFile.fits("fits", f"{name}.fits", hdul),
+                    ProductFile("tbl", f"{name}.tbl", table_to_ipac(merged).encode()),
+                ],
+                subdir=f"scan{scan:04d}",
+                version=version,
+                parents=tuple(parents),
+                meta={"n_sources": len(merged), "filters": ",".join(images)},
+            )
+        )
         ctx.group_done_after_publish(ref.group.id, 1)
 
 

@@ -62,7 +62,9 @@ class IngestService(Service):
         await self._spitzer_fits(by_kind[InputKind.SPITZER_FITS], ctx)
         for item in by_kind[InputKind.MIPS_TELEMETRY]:
             await self._mips_telemetry(item, ctx)
-        await self._tauvex(by_kind[InputKind.TAUVEX_LEVEL0], by_kind[InputKind.TAUVEX_ATTITUDE], ctx)
+        await self._tauvex(
+            by_kind[InputKind.TAUVEX_LEVEL0], by_kind[InputKind.TAUVEX_ATTITUDE], ctx
+        )
 
     async def _calibration(self, item: _Input, ctx: Context) -> None:
         header = item.header
@@ -73,8 +75,13 @@ class IngestService(Service):
         key = f"calibration/{instrument.lower()}/ch{channel}/{recognise.safe_name(item.obj.name)}"
         await ctx.store.put(key, item.data, role="calibration", name=item.obj.name)
         await ctx.calibration.register(instrument, channel, caltype, key)
-        ctx.log.info("calibration_registered", instrument=instrument, channel=channel,
-                     caltype=caltype, key=key)
+        ctx.log.info(
+            "calibration_registered",
+            instrument=instrument,
+            channel=channel,
+            caltype=caltype,
+            key=key,
+        )
 
     async def _spitzer_fits(self, items: list[_Input], ctx: Context) -> None:
         """Archive FITS enter at their level; BCDs are grouped per AOR + channel with their
@@ -88,23 +95,28 @@ class IngestService(Service):
             for index, member in enumerate(members):
                 primary = by_name[member.primary]
                 files = [ProductFile(member.kind, member.primary, primary.data)]
-                files += [ProductFile(role, name, by_name[name].data)
-                          for role, name in member.companions.items()]
+                files += [
+                    ProductFile(role, name, by_name[name].data)
+                    for role, name in member.companions.items()
+                ]
                 identity = f"{instrument}.{level}.{aorkey}.{channel}.{member.expid}.{member.dcenum}"
                 version = await ctx.version(identity)
-                await ctx.emit(ProductOut(
-                    instrument=instrument,
-                    level=Level.CALIBRATED if level == "bcd" else Level.DECODED,
-                    product_type="bcd" if level == "bcd" else "raw",
-                    obs=ObsId(aorkey=aorkey, channel=channel, expid=member.expid,
-                              dcenum=member.dcenum),
-                    files=files,
-                    subdir=f"aor{aorkey}/ch{channel}/archive-v{version}",
-                    version=version,
-                    parents=(primary.obj.key,),
-                    group=Group(group_id, index, len(members)),
-                    meta={"origin": "archive"},
-                ))
+                await ctx.emit(
+                    ProductOut(
+                        instrument=instrument,
+                        level=Level.CALIBRATED if level == "bcd" else Level.DECODED,
+                        product_type="bcd" if level == "bcd" else "raw",
+                        obs=ObsId(
+                            aorkey=aorkey, channel=channel, expid=member.expid, dcenum=member.dcenum
+                        ),
+                        files=files,
+                        subdir=f"aor{aorkey}/ch{channel}/archive-v{version}",
+                        version=version,
+                        parents=(primary.obj.key,),
+                        group=Group(group_id, index, len(members)),
+                        meta={"origin": "archive"},
+                    )
+                )
 
     async def _mips_telemetry(self, item: _Input, ctx: Context) -> None:
         from services.ingest import mips
@@ -125,18 +137,29 @@ class IngestService(Service):
             g = (chunk.aorkey, chunk.channel)
             identity = f"MIPS.dce.{chunk.aorkey}.{chunk.channel}.{chunk.expid}.{chunk.dcenum}"
             version = await ctx.version(identity)
-            name = (f"MIPS_M{chunk.channel}_{chunk.aorkey}_{chunk.expid:04d}_{chunk.dcenum:04d}"
-                    f"_{version}_dce.tlm")
-            await ctx.emit(ProductOut(
-                instrument="MIPS", level=Level.TELEMETRY, product_type="dce",
-                obs=ObsId(aorkey=chunk.aorkey, channel=chunk.channel, expid=chunk.expid,
-                          dcenum=chunk.dcenum),
-                files=[ProductFile("dce", name, chunk.data)],
-                subdir=f"aor{chunk.aorkey}/ch{chunk.channel}",
-                version=version, parents=(item.obj.key,),
-                group=Group(f"MIPS-{chunk.aorkey}-ch{chunk.channel}-dce", index[g], counts[g]),
-                meta={"aor_channels": ",".join(map(str, channels))},
-            ))
+            name = (
+                f"MIPS_M{chunk.channel}_{chunk.aorkey}_{chunk.expid:04d}_{chunk.dcenum:04d}"
+                f"_{version}_dce.tlm"
+            )
+            await ctx.emit(
+                ProductOut(
+                    instrument="MIPS",
+                    level=Level.TELEMETRY,
+                    product_type="dce",
+                    obs=ObsId(
+                        aorkey=chunk.aorkey,
+                        channel=chunk.channel,
+                        expid=chunk.expid,
+                        dcenum=chunk.dcenum,
+                    ),
+                    files=[ProductFile("dce", name, chunk.data)],
+                    subdir=f"aor{chunk.aorkey}/ch{chunk.channel}",
+                    version=version,
+                    parents=(item.obj.key,),
+                    group=Group(f"MIPS-{chunk.aorkey}-ch{chunk.channel}-dce", index[g], counts[g]),
+                    meta={"aor_channels": ",".join(map(str, channels))},
+                )
+            )
             index[g] += 1
 
     async def _tauvex(self, level0: list[_Input], attitude: list[_Input], ctx: Context) -> None:
@@ -147,7 +170,8 @@ class IngestService(Service):
                 ctx.dead_letter(
                     f"{item.obj.name}: TAUVEX needs exactly one attitude file beside the Level 0 "
                     f"telemetry in a submission (got {len(attitude)}); submit them together",
-                    item=item.obj.name)
+                    item=item.obj.name,
+                )
             return
         from services.ingest import tauvex
 
@@ -165,12 +189,18 @@ class IngestService(Service):
                 version = await ctx.version(identity)
                 name = f"TAUVEX_L1_{obs.obs_id:04d}_{version}.fits"
                 data = await ctx.run(obs.to_bytes)
-                await ctx.emit(ProductOut(
-                    instrument="TAUVEX", level=Level.TELEMETRY, product_type="level1",
-                    obs=ObsId(scan=obs.obs_id), files=[ProductFile("level1", name, data)],
-                    subdir=f"scan{obs.obs_id:04d}", version=version,
-                    parents=(item.obj.key, att.obj.key),
-                ))
+                await ctx.emit(
+                    ProductOut(
+                        instrument="TAUVEX",
+                        level=Level.TELEMETRY,
+                        product_type="level1",
+                        obs=ObsId(scan=obs.obs_id),
+                        files=[ProductFile("level1", name, data)],
+                        subdir=f"scan{obs.obs_id:04d}",
+                        version=version,
+                        parents=(item.obj.key, att.obj.key),
+                    )
+                )
 
 
 SERVICE = IngestService

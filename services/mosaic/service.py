@@ -61,8 +61,13 @@ class MosaicService(Service):
 
         if ref.group is None:
             raise Skip("a BCD without a group (AOR + band) is not mosaicked")
-        member = json.dumps({"key": ref.key, "bunc": getattr(ref.file("bunc"), "key", ""),
-                             "mask": getattr(ref.file("mask"), "key", "")})
+        member = json.dumps(
+            {
+                "key": ref.key,
+                "bunc": getattr(ref.file("bunc"), "key", ""),
+                "mask": getattr(ref.file("mask"), "key", ""),
+            }
+        )
         arrival = await ctx.arrive(ref.group, version=ref.version, member_key=member)
         if not arrival.trigger:
             raise Skip(f"waiting for the group: {len(arrival.members)}/{ref.group.count} BCDs")
@@ -71,18 +76,26 @@ class MosaicService(Service):
         for m in members:
             bunc = await ctx.read_fits(m["bunc"]) if m["bunc"] else None
             mask = await ctx.read_fits(m["mask"]) if m["mask"] else None
-            frames.append(BCDFrame.from_hdus(await ctx.read_fits(m["key"]), bunc, mask, key=m["key"]))
+            frames.append(
+                BCDFrame.from_hdus(await ctx.read_fits(m["key"]), bunc, mask, key=m["key"])
+            )
         c = self.config
         mosaic = await ctx.run(
-            build_mosaic, frames, pixel_arcsec=c.pixel_arcsec or None,
+            build_mosaic,
+            frames,
+            pixel_arcsec=c.pixel_arcsec or None,
             # the first-frame effect is a MIPS detector property; other instruments keep DCENUM 0
-            drop_first_dce=c.drop_first_dce and ref.instrument == "MIPS", self_flat=c.self_flat,
-            match_background=c.match_background, outlier_sigma=c.outlier_sigma)
+            drop_first_dce=c.drop_first_dce and ref.instrument == "MIPS",
+            self_flat=c.self_flat,
+            match_background=c.match_background,
+            outlier_sigma=c.outlier_sigma,
+        )
         o = ref.obs
         inst, ch, aor = ref.instrument, int(o.channel or 0), int(o.aorkey or 0)
         version = await ctx.version(f"{inst}.pbcd.{aor}.{ch}")
-        hdus = await ctx.run(mosaic_hdus, mosaic, template_header=frames[0].header,
-                             creator=fitsio.CREATOR)
+        hdus = await ctx.run(
+            mosaic_hdus, mosaic, template_header=frames[0].header, creator=fitsio.CREATOR
+        )
         ens = ensemble_id(inst, aor, ch)
         letter = {"MIPS": "M", "IRAC": "I", "IRS": "S"}.get(inst, "X")
 
@@ -97,20 +110,34 @@ class MosaicService(Service):
         png = await ctx.run(quicklook_png, mosaic.image, title=f"{inst} ch{ch} AOR {aor}")
         manifest = json.dumps({"frames": members}, indent=1).encode()
         channels = [int(x) for x in str(ref.meta.get("aor_channels", ch)).split(",") if x]
-        await ctx.emit(ProductOut(
-            instrument=inst, level=Level.MOSAICKED, product_type="maic", obs=ref.obs.__class__(
-                aorkey=aor, channel=ch),
-            files=[ProductFile.fits("maic", name("maic"), hdus["maic"]),
-                   ProductFile.fits("munc", name("munc"), hdus["munc"]),
-                   ProductFile.fits("mcov", name("mcov"), hdus["mcov"]),
-                   ProductFile("quicklook", name("maic", "png"), png),
-                   ProductFile("frames", name("frames", "json"), manifest)],
-            subdir=f"aor{aor}/ch{ch}", version=version, parents=parents,
-            group=Group(f"{inst}-{aor}-mosaics-v{ref.version}",
-                        channels.index(ch) if ch in channels else 0, len(channels)),
-            meta={**ref.meta, "n_frames_used": mosaic.n_frames_used,
-                  "n_outliers": mosaic.n_outliers},
-        ))
+        await ctx.emit(
+            ProductOut(
+                instrument=inst,
+                level=Level.MOSAICKED,
+                product_type="maic",
+                obs=ref.obs.__class__(aorkey=aor, channel=ch),
+                files=[
+                    ProductFile.fits("maic", name("maic"), hdus["maic"]),
+                    ProductFile.fits("munc", name("munc"), hdus["munc"]),
+                    ProductFile.fits("mcov", name("mcov"), hdus["mcov"]),
+                    ProductFile("quicklook", name("maic", "png"), png),
+                    ProductFile("frames", name("frames", "json"), manifest),
+                ],
+                subdir=f"aor{aor}/ch{ch}",
+                version=version,
+                parents=parents,
+                group=Group(
+                    f"{inst}-{aor}-mosaics-v{ref.version}",
+                    channels.index(ch) if ch in channels else 0,
+                    len(channels),
+                ),
+                meta={
+                    **ref.meta,
+                    "n_frames_used": mosaic.n_frames_used,
+                    "n_outliers": mosaic.n_outliers,
+                },
+            )
+        )
         ctx.group_done_after_publish(ref.group.id, ref.version)
 
     async def _tauvex_level2(self, ref: ProductRef, ctx: Context) -> None:
@@ -125,14 +152,25 @@ class MosaicService(Service):
         level2 = await ctx.run(make_level2, level1g, obs.attitude)
         fitsio.add_provenance(level2.hdul[0].header, step="mosaic level2", parents=(ref.key,))
         version = await ctx.version(f"TAUVEX.level2.{scan}.{tele}")
-        await ctx.emit(ProductOut(
-            instrument="TAUVEX", level=Level.MOSAICKED, product_type="level2", obs=ref.obs,
-            files=[ProductFile.fits("image", tauvex_name("2", scan, tele, version), level2.hdul),
-                   ProductFile("quicklook", tauvex_name("2", scan, tele, version, "png"),
-                               level2.png)],
-            subdir=f"scan{scan:04d}", version=version, parents=(ref.key,),
-            group=Group(f"TAUVEX-{scan}-level2", tele - 1, len(tv.TELESCOPES)),
-            meta={"filter": tv.TELESCOPES[tele].filter.name}))
+        await ctx.emit(
+            ProductOut(
+                instrument="TAUVEX",
+                level=Level.MOSAICKED,
+                product_type="level2",
+                obs=ref.obs,
+                files=[
+                    ProductFile.fits("image", tauvex_name("2", scan, tele, version), level2.hdul),
+                    ProductFile(
+                        "quicklook", tauvex_name("2", scan, tele, version, "png"), level2.png
+                    ),
+                ],
+                subdir=f"scan{scan:04d}",
+                version=version,
+                parents=(ref.key,),
+                group=Group(f"TAUVEX-{scan}-level2", tele - 1, len(tv.TELESCOPES)),
+                meta={"filter": tv.TELESCOPES[tele].filter.name},
+            )
+        )
 
 
 SERVICE = MosaicService

@@ -159,8 +159,16 @@ GE_PMASK_BAD_PIXEL = 1 << 14
 # They are the instrument team's calibration; the simulator applies the same as its truth.
 
 _SIP_FORWARD: dict[int, dict[str, float]] = {
-    1: {"A_2_0": 1.2e-5, "A_1_1": -6.0e-6, "A_0_2": 4.0e-6, "A_3_0": -2.0e-8,
-        "B_2_0": -5.0e-6, "B_1_1": 9.0e-6, "B_0_2": 1.0e-5, "B_0_3": 1.5e-8},
+    1: {
+        "A_2_0": 1.2e-5,
+        "A_1_1": -6.0e-6,
+        "A_0_2": 4.0e-6,
+        "A_3_0": -2.0e-8,
+        "B_2_0": -5.0e-6,
+        "B_1_1": 9.0e-6,
+        "B_0_2": 1.0e-5,
+        "B_0_3": 1.5e-8,
+    },
     2: {"A_2_0": 6.0e-5, "A_0_2": 3.0e-5, "B_1_1": 5.0e-5, "B_0_2": -2.0e-5},
     3: {"A_2_0": 1.0e-4, "B_0_2": 1.0e-4},
 }
@@ -258,7 +266,13 @@ def bcd_name(channel: int, aorkey: int, expid: int, dcenum: int, version: int, k
 
 
 def pbcd_name(
-    channel: int, aorkey: int, expid: int, version: int, ensemble: int, kind: str, suffix: str = "fits"
+    channel: int,
+    aorkey: int,
+    expid: int,
+    version: int,
+    ensemble: int,
+    kind: str,
+    suffix: str = "fits",
 ) -> str:
     """Spitzer post-BCD name, e.g. `SPITZER_M1_12345678_0000_1_E7654321_maic.fits`."""
     return f"SPITZER_M{channel}_{aorkey}_{expid:04d}_{version}_E{ensemble}_{kind}.{suffix}"

@@ -287,7 +287,7 @@ def distortion(
 def sky_to_focal(
     ra_deg: NDArray[np.floating], dec_deg: NDArray[np.floating],
     ra0_deg: NDArray[np.floating], dec0_deg: NDArray[np.floating],
-    roll_deg: NDArray[np.floating],
+    roll_deg: NDArray[np.floating] | float,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Sky position -> ideal focal-plane X, Y (px) for a boresight RA0/Dec0 and roll (deg).
 
@@ -309,7 +309,7 @@ def sky_to_focal(
 def focal_to_sky(
     x_px: NDArray[np.floating], y_px: NDArray[np.floating],
     ra0_deg: NDArray[np.floating], dec0_deg: NDArray[np.floating],
-    roll_deg: NDArray[np.floating],
+    roll_deg: NDArray[np.floating] | float,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Inverse of `sky_to_focal`: ideal focal-plane X, Y (px) -> RA, Dec (deg)."""
     scale = np.degrees(1.0) * 3600.0 / PLATE_SCALE_ARCSEC

@@ -27,15 +27,19 @@ class PipelineRun:
         return ObjectStore(str(self.store_root))
 
     def products(self, level: str, product_type: str | None = None) -> list:
-        return [p for p in self.watch.products
-                if p.level == level and (product_type is None or p.product_type == product_type)]
+        return [
+            p
+            for p in self.watch.products
+            if p.level == level and (product_type is None or p.product_type == product_type)
+        ]
 
 
 def run_pipeline(inputs: Path, data: Path, out: Path, *, workers: int = 2) -> RunWatch:
     async def go() -> RunWatch:
         async with pipeline(data, calibrate_workers=workers) as (url, store):
-            return await submit_and_wait(url, store, [str(inputs)], out_dir=out, quiet=True,
-                                         timeout_s=600)
+            return await submit_and_wait(
+                url, store, [str(inputs)], out_dir=out, quiet=True, timeout_s=600
+            )
 
     return asyncio.run(go())
 

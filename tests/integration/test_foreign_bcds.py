@@ -21,11 +21,13 @@ def _write_bcds(folder: Path, rng: np.random.Generator) -> Table:
     template = fits.Header.fromfile(path, sep="", endcard=True, padding=False)
     ra0, dec0 = float(template["CRVAL1"]), float(template["CRVAL2"])
     n_src = 25
-    truth = Table({
-        "ra": ra0 + rng.uniform(-60, 60, n_src) / 3600 / np.cos(np.radians(dec0)),
-        "dec": dec0 + rng.uniform(-60, 60, n_src) / 3600,
-        "flux_ujy": 10 ** rng.uniform(2.5, 4.0, n_src),
-    })
+    truth = Table(
+        {
+            "ra": ra0 + rng.uniform(-60, 60, n_src) / 3600 / np.cos(np.radians(dec0)),
+            "dec": dec0 + rng.uniform(-60, 60, n_src) / 3600,
+            "flux_ujy": 10 ** rng.uniform(2.5, 4.0, n_src),
+        }
+    )
     ny, nx = int(template["NAXIS2"]), int(template["NAXIS1"])
     yy, xx = np.mgrid[0:ny, 0:nx]
     for k, (dx, dy) in enumerate([(0, 0), (8, 3), (-6, 9), (4, -7), (-9, -4), (10, 10)]):
@@ -43,8 +45,12 @@ def _write_bcds(folder: Path, rng: np.random.Generator) -> Table:
         x, y = wcs.all_world2pix(truth["ra"], truth["dec"], 0)
         image = np.full((ny, nx), 0.2, dtype=np.float64)
         for xi, yi, f in zip(x, y, truth["flux_ujy"], strict=True):
-            image += (f / ujy_per_mjysr / (2 * np.pi * sigma_px**2)
-                      * np.exp(-((xx - xi) ** 2 + (yy - yi) ** 2) / (2 * sigma_px**2)))
+            image += (
+                f
+                / ujy_per_mjysr
+                / (2 * np.pi * sigma_px**2)
+                * np.exp(-((xx - xi) ** 2 + (yy - yi) ** 2) / (2 * sigma_px**2))
+            )
         image += rng.normal(0, 0.02, image.shape)
         name = f"SPITZER_I1_4242_{k:04d}_0000_1_bcd.fits"
         fits.PrimaryHDU(image.astype(np.float32), header=h).writeto(folder / name)
@@ -57,9 +63,23 @@ def test_foreign_spitzer_bcds_make_a_mosaic_and_a_source_list(tmp_path: Path) ->
     truth = _write_bcds(inputs, np.random.default_rng(3))
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "run", str(inputs), "--out", str(out),
-         "--data", str(tmp_path / "data"), "--timeout", "300"],
-        capture_output=True, text=True, timeout=400)
+        [
+            sys.executable,
+            "-m",
+            "shared.cli",
+            "run",
+            str(inputs),
+            "--out",
+            str(out),
+            "--data",
+            str(tmp_path / "data"),
+            "--timeout",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     maic = list(out.glob("*_maic.fits"))
     tbl = list(out.glob("*_sources.tbl"))
@@ -70,7 +90,12 @@ def test_foreign_spitzer_bcds_make_a_mosaic_and_a_source_list(tmp_path: Path) ->
     bright = truth[truth["flux_ujy"] > 1000]
     found = 0
     for row in bright:
-        sep = np.hypot((sources["RA"] - row["ra"]) * np.cos(np.radians(row["dec"])),
-                       sources["Dec"] - row["dec"]) * 3600
+        sep = (
+            np.hypot(
+                (sources["RA"] - row["ra"]) * np.cos(np.radians(row["dec"])),
+                sources["Dec"] - row["dec"],
+            )
+            * 3600
+        )
         found += bool(sep.min() < 1.0)
     assert found >= 0.9 * len(bright), (found, len(bright))

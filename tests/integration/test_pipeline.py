@@ -32,8 +32,14 @@ def test_every_level_is_produced_and_stored_with_its_sha256(mips_run: PipelineRu
     n24 = sum(1 for r in sim.truth_pointing if r["channel"] == 1)  # type: ignore[attr-defined]
     n70 = sum(1 for r in sim.truth_pointing if r["channel"] == 2 and not r["is_stim"])  # type: ignore[attr-defined]
     counts = {(p.level, p.product_type) for p in mips_run.watch.products}
-    assert {("telemetry", "dce"), ("decoded", "raw"), ("calibrated", "bcd"),
-            ("mosaicked", "maic"), ("sources", "sources"), ("sources", "bandmerged")} <= counts
+    assert {
+        ("telemetry", "dce"),
+        ("decoded", "raw"),
+        ("calibrated", "bcd"),
+        ("mosaicked", "maic"),
+        ("sources", "sources"),
+        ("sources", "bandmerged"),
+    } <= counts
     assert len(mips_run.products("calibrated", "bcd")) == n24 + n70
     assert len(mips_run.products("mosaicked", "maic")) == 2
     assert len(mips_run.products("sources", "bandmerged")) == 1
@@ -47,7 +53,8 @@ def test_bcd_companions_and_spitzer_names(mips_run: PipelineRun) -> None:
         assert {"bunc", "mask"} <= roles
         name = ref.key.rsplit("/", 1)[-1]
         o = ref.obs
-        assert name == f"SPITZER_M{o.channel}_{o.aorkey}_{o.expid:04d}_{o.dcenum:04d}_{ref.version}_bcd.fits"
+        stem = f"SPITZER_M{o.channel}_{o.aorkey}_{o.expid:04d}_{o.dcenum:04d}"
+        assert name == f"{stem}_{ref.version}_bcd.fits"
         if o.channel == 2:
             assert "fbcd" in roles
 
@@ -78,8 +85,22 @@ def test_every_fits_product_passes_fitsverify(mips_run: PipelineRun) -> None:
 def test_bcd_headers_carry_spitzer_keywords(mips_run: PipelineRun) -> None:
     ref = mips_run.products("calibrated", "bcd")[0]
     header = fits.getheader(mips_run.store_root / ref.key)
-    for key in ("TELESCOP", "INSTRUME", "CHNLNUM", "AORKEY", "EXPID", "DCENUM", "EXPTIME",
-                "DATE_OBS", "MJD_OBS", "BUNIT", "FLUXCONV", "PXSCAL1", "PXSCAL2", "CREATOR"):
+    for key in (
+        "TELESCOP",
+        "INSTRUME",
+        "CHNLNUM",
+        "AORKEY",
+        "EXPID",
+        "DCENUM",
+        "EXPTIME",
+        "DATE_OBS",
+        "MJD_OBS",
+        "BUNIT",
+        "FLUXCONV",
+        "PXSCAL1",
+        "PXSCAL2",
+        "CREATOR",
+    ):
         assert key in header, key
     assert header["BUNIT"] == "MJy/sr" and header["CTYPE1"] == "RA---TAN-SIP"
 

@@ -32,16 +32,24 @@ def test_every_tauvex_level_is_a_stored_product(tauvex_run) -> None:  # type: ig
     watch, store_root = tauvex_run
     kinds = [(p.level, p.product_type) for p in watch.products]
     assert kinds.count(("telemetry", "level1")) == 1
-    for kind in (("decoded", "level1a"), ("calibrated", "level1g"), ("mosaicked", "level2"),
-                 ("sources", "sources")):
+    for kind in (
+        ("decoded", "level1a"),
+        ("calibrated", "level1g"),
+        ("mosaicked", "level2"),
+        ("sources", "sources"),
+    ):
         assert kinds.count(kind) == 3, (kind, kinds)
     assert kinds.count(("sources", "bandmerged")) == 1
     assert not watch.dead, [d.reason for d in watch.dead]
 
     async def verify() -> list[str]:
         store = ObjectStore(str(store_root))
-        return [o.key for p in watch.products for o in (p.primary, *p.companions)
-                if not await store.verify(o)]
+        return [
+            o.key
+            for p in watch.products
+            for o in (p.primary, *p.companions)
+            if not await store.verify(o)
+        ]
 
     assert asyncio.run(verify()) == []
 
@@ -51,13 +59,40 @@ def test_tauvex_headers_carry_module_versions(tauvex_run) -> None:  # type: igno
     level1g = next(p for p in watch.products if p.product_type == "level1g")
     with fits.open(store_root / level1g.key) as hdul:
         h = hdul["EVENTS"].header
-        for key in ("TELESCOP", "TELE_NUM", "FILTER", "STARTOBS", "ENDOBS", "NFRAMES", "NCOUNTS",
-                    "CRT_LV1A", "VALIDATE", "CALC_XY", "GET_CAL", "APPL_CAL", "FLAT_FLD",
-                    "GEO_CORR", "CALC_RA", "REGISTER"):
+        for key in (
+            "TELESCOP",
+            "TELE_NUM",
+            "FILTER",
+            "STARTOBS",
+            "ENDOBS",
+            "NFRAMES",
+            "NCOUNTS",
+            "CRT_LV1A",
+            "VALIDATE",
+            "CALC_XY",
+            "GET_CAL",
+            "APPL_CAL",
+            "FLAT_FLD",
+            "GEO_CORR",
+            "CALC_RA",
+            "REGISTER",
+        ):
             assert key in h, key
         assert hdul["EVENTS"].columns.names[:13] == [
-            "W", "S", "Z", "VALIDITY", "X", "Y", "CALIB", "GEOCORRX", "GEOCORRY", "RA", "DEC",
-            "GLON", "GLAT"]
+            "W",
+            "S",
+            "Z",
+            "VALIDITY",
+            "X",
+            "Y",
+            "CALIB",
+            "GEOCORRX",
+            "GEOCORRY",
+            "RA",
+            "DEC",
+            "GLON",
+            "GLAT",
+        ]
 
 
 @pytest.mark.skipif(shutil.which("fitsverify") is None, reason="Debian fitsverify not installed")
