@@ -6,6 +6,7 @@ archive, or another tool writing Spitzer-format BCDs.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,3 +77,16 @@ class BCDFrame:
                 f"BCD, uncertainty and mask shapes differ: {data.shape}, {unc.shape}, {m.shape}"
             )
         return cls(data=data, unc=unc, mask=m.astype(np.int32), header=header, key=key)
+
+
+async def read_frames(
+    read_fits: Callable[[str], Awaitable[fits.HDUList]], members: Iterable[Mapping[str, str]]
+) -> list[BCDFrame]:
+    """Load frames listed as {"key": bcd, "bunc": key or "", "mask": key or ""} (the members
+    of an AOR group, or a mosaic's frames manifest) through `read_fits`."""
+    frames = []
+    for m in members:
+        bunc = await read_fits(m["bunc"]) if m.get("bunc") else None
+        mask = await read_fits(m["mask"]) if m.get("mask") else None
+        frames.append(BCDFrame.from_hdus(await read_fits(m["key"]), bunc, mask, key=m["key"]))
+    return frames

@@ -18,17 +18,8 @@ def write_demo_inputs(folder: Path) -> list[Path]:
     inputs, truth = folder / "inputs", folder / "truth"
     inputs.mkdir(parents=True, exist_ok=True)
     truth.mkdir(parents=True, exist_ok=True)
-    cfg = mips.MipsAORConfig()
-    sim = mips.simulate_aor(cfg)
-    paths = [inputs / f"mips_aor_{cfg.aorkey}.tlm"]
-    paths[0].write_bytes(sim.telemetry)
-    for hdul in sim.calibration:
-        p = inputs / str(hdul[0].header["FILENAME"])
-        hdul.writeto(p, overwrite=True)
-        paths.append(p)
-    sim.truth_sources.write(truth / "mips_truth_sources.fits", overwrite=True)
-    sim.truth_sources.write(truth / "mips_truth_sources.tbl", format="ascii.ipac", overwrite=True)
-    sim.truth_pointing.write(truth / "mips_truth_pointing.fits", overwrite=True)
+    written = mips.write_aor(mips.MipsAORConfig(), inputs, truth_dir=truth / "mips")
+    paths = [p for p in written if p.parent == inputs]
     paths += _tauvex_inputs(inputs, truth)
     return paths
 

@@ -551,11 +551,16 @@ def _calibration_files(
     return out
 
 
-def write_aor(cfg: MipsAORConfig, outdir: Path | str) -> list[Path]:
-    """Simulate an AOR and write telemetry (`mips_aor_<aorkey>.tlm`), calibration FITS and
-    truth tables (truth_sources.fits/.tbl, truth_pointing.fits) into `outdir`."""
+def write_aor(
+    cfg: MipsAORConfig, outdir: Path | str, *, truth_dir: Path | str | None = None
+) -> list[Path]:
+    """Simulate an AOR and write telemetry (`mips_aor_<aorkey>.tlm`) and calibration FITS into
+    `outdir`, and the truth tables (truth_sources.fits/.tbl, truth_pointing.fits) into
+    `truth_dir` (default: `outdir`). Returns the paths written, inputs first."""
     out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
+    truth = Path(truth_dir) if truth_dir is not None else out
+    for folder in (out, truth):
+        folder.mkdir(parents=True, exist_ok=True)
     sim = simulate_aor(cfg)
     paths = [out / f"mips_aor_{cfg.aorkey}.tlm"]
     paths[0].write_bytes(sim.telemetry)
@@ -568,6 +573,6 @@ def write_aor(cfg: MipsAORConfig, outdir: Path | str) -> list[Path]:
         ("truth_sources.tbl", sim.truth_sources, "ascii.ipac"),
         ("truth_pointing.fits", sim.truth_pointing, "fits"),
     ):
-        table.write(out / name, format=fmt, overwrite=True)
-        paths.append(out / name)
+        table.write(truth / name, format=fmt, overwrite=True)
+        paths.append(truth / name)
     return paths

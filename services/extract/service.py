@@ -14,7 +14,7 @@ import msgspec
 from astropy.table import Table
 
 from shared import fitsio
-from shared.bcd import BCDFrame
+from shared.bcd import BCDFrame, read_frames
 from shared.errors import Skip
 from shared.instruments import mips
 from shared.messages import Envelope, ObsId, ProductRef
@@ -56,14 +56,7 @@ class ExtractService(Service):
         """The BCD frames a mosaic was made from (its frames manifest)."""
         if not manifest_key:
             return []
-        frames = []
-        for m in json.loads(await ctx.read(manifest_key))["frames"]:
-            bunc = await ctx.read_fits(m["bunc"]) if m["bunc"] else None
-            mask = await ctx.read_fits(m["mask"]) if m["mask"] else None
-            frames.append(
-                BCDFrame.from_hdus(await ctx.read_fits(m["key"]), bunc, mask, key=m["key"])
-            )
-        return frames
+        return await read_frames(ctx.read_fits, json.loads(await ctx.read(manifest_key))["frames"])
 
     async def _post_bcd(self, ref: ProductRef, ctx: Context) -> None:
         from services.extract.photometry import extract_sources

@@ -13,7 +13,7 @@ import json
 import msgspec
 
 from shared import fitsio
-from shared.bcd import BCDFrame
+from shared.bcd import read_frames
 from shared.errors import Skip
 from shared.instruments import mips
 from shared.messages import Envelope, Group, ProductRef
@@ -72,13 +72,7 @@ class MosaicService(Service):
         if not arrival.trigger:
             raise Skip(f"waiting for the group: {len(arrival.members)}/{ref.group.count} BCDs")
         members = [json.loads(arrival.members[i]) for i in sorted(arrival.members)]
-        frames = []
-        for m in members:
-            bunc = await ctx.read_fits(m["bunc"]) if m["bunc"] else None
-            mask = await ctx.read_fits(m["mask"]) if m["mask"] else None
-            frames.append(
-                BCDFrame.from_hdus(await ctx.read_fits(m["key"]), bunc, mask, key=m["key"])
-            )
+        frames = await read_frames(ctx.read_fits, members)
         c = self.config
         mosaic = await ctx.run(
             build_mosaic,
