@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import importlib
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -27,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from shared import bus, messages, subjects
-from shared.config import load_config
+from shared.config import describe, load_config
 from shared.embedded import EmbeddedNats
+from shared.errors import ConfigError
 from shared.logs import configure, get_logger
 from shared.messages import DeadLetter, ProductRef, StoredObject, Submission
-from shared.runtime import RuntimeSettings, Service, ServiceRunner
+from shared.runtime import RuntimeSettings, Service, ServiceRunner, stop_on_signals
 from shared.store import ObjectStore
 
 DEFAULT_DATA = ".skybus"
@@ -70,15 +70,6 @@ def _parse_sets(items: Sequence[str] | None) -> dict[str, str]:
     return out
 
 
-def _stop_event() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
 # --- serve / up -------------------------------------------------------------------------
 
 
@@ -87,10 +78,8 @@ async def _serve(args: argparse.Namespace) -> int:
     runner = ServiceRunner(
         service, nats_url=args.nats, store=ObjectStore(args.store), settings=_settings(args)
     )
-    get_logger("skybus").info(
-        "config", service=args.service, config=getattr(service, "config_dict", lambda: {})()
-    )
-    await runner.run(_stop_event())
+    get_logger(args.service).info("config", config=describe(service.config))
+    await runner.run(stop_on_signals())
     return 0
 
 
@@ -150,7 +139,7 @@ async def _up(args: argparse.Namespace) -> int:
         print(
             f"  submit data with: skybus run --nats {url} --store {store.url} PATH...", flush=True
         )
-        await _stop_event().wait()
+        await stop_on_signals().wait()
     return 0
 
 
@@ -421,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--log-level",
-        default=os.environ.get("SKYBUS_LOG_LEVEL", "warning"),
-        help="log level of the services (default: warning; info logs every message)",
+        default=os.environ.get("SKYBUS_LOG_LEVEL"),
+        help="log level (default: info for `serve`, warning elsewhere; info logs every message)",
     )
     p.add_argument("--log-json", action="store_true", help="JSON log lines even on a terminal")
     sp = p.add_subparsers(dest="command", required=True)
@@ -535,13 +524,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure(level=args.log_level, json=True if args.log_json else None)
+    level = args.log_level or ("info" if args.command == "serve" else "warning")
+    configure(level=level, json=True if args.log_json else None)
     if args.command == "serve" and not (args.nats and args.store):
         raise SystemExit(
             "skybus serve needs --nats URL and --store URL (or SKYBUS_NATS_URL / SKYBUS_STORE_URL)"
         )
     try:
         return int(asyncio.run(args.func(args)))
+    except ConfigError as exc:
+        print(f"skybus: configuration error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -33,5 +33,6 @@ def configure(*, level: str = "info", json: bool | None = None, stream: object =
     )
 
 
-def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name)  # type: ignore[no-any-return]
+def get_logger(service: str) -> structlog.typing.FilteringBoundLogger:
+    """A logger whose every line names the service."""
+    return structlog.get_logger().bind(service=service)  # type: ignore[no-any-return]

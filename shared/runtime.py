@@ -11,6 +11,7 @@ import abc
 import asyncio
 import contextlib
 import json
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -174,6 +175,9 @@ class Service(abc.ABC):
     """One skybus service: which level it consumes and what it does with one message."""
 
     name: ClassVar[str]
+    #: the service's closed config Struct type, and the loaded instance
+    Config: ClassVar[type[msgspec.Struct]]
+    config: msgspec.Struct
 
     @abc.abstractmethod
     async def handle(self, message: Envelope, ctx: Context) -> None:
@@ -413,6 +417,17 @@ class ServiceRunner:
             )
         except Exception:
             self.log.exception("advisory_failed")
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An Event set by SIGTERM or SIGINT: the runner then finishes the message in hand,
+    hands the rest of its batch back, unsubscribes and drains."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 async def run_services(runners: list[ServiceRunner], stop: asyncio.Event) -> None:

@@ -96,7 +96,9 @@ class LogCode(enum.IntEnum):
 
 
 def event_segment(
-    tele: NDArray[np.integer], w: NDArray[np.integer], s: NDArray[np.integer],
+    tele: NDArray[np.integer],
+    w: NDArray[np.integer],
+    s: NDArray[np.integer],
     z: NDArray[np.integer],
 ) -> NDArray[np.uint64]:
     """Pack photon events into 40-bit EVENT segments (uint64 values)."""
@@ -259,8 +261,10 @@ def flat_field(x_px: NDArray[np.floating], y_px: NDArray[np.floating]) -> NDArra
     dx = (np.asarray(x_px) - DETECTOR_CENTER_PX) / FIELD_RADIUS_PX
     dy = (np.asarray(y_px) - DETECTOR_CENTER_PX) / FIELD_RADIUS_PX
     r2 = dx * dx + dy * dy
-    ripple = 0.03 * np.sin(2.0 * np.pi * np.asarray(x_px) / 300.0) * np.cos(
-        2.0 * np.pi * np.asarray(y_px) / 420.0
+    ripple = (
+        0.03
+        * np.sin(2.0 * np.pi * np.asarray(x_px) / 300.0)
+        * np.cos(2.0 * np.pi * np.asarray(y_px) / 420.0)
     )
     return np.asarray(0.95 - 0.15 * r2 + ripple, dtype=np.float64)
 
@@ -285,8 +289,10 @@ def distortion(
 
 
 def sky_to_focal(
-    ra_deg: NDArray[np.floating], dec_deg: NDArray[np.floating],
-    ra0_deg: NDArray[np.floating], dec0_deg: NDArray[np.floating],
+    ra_deg: NDArray[np.floating],
+    dec_deg: NDArray[np.floating],
+    ra0_deg: NDArray[np.floating],
+    dec0_deg: NDArray[np.floating],
     roll_deg: NDArray[np.floating] | float,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Sky position -> ideal focal-plane X, Y (px) for a boresight RA0/Dec0 and roll (deg).
@@ -307,8 +313,10 @@ def sky_to_focal(
 
 
 def focal_to_sky(
-    x_px: NDArray[np.floating], y_px: NDArray[np.floating],
-    ra0_deg: NDArray[np.floating], dec0_deg: NDArray[np.floating],
+    x_px: NDArray[np.floating],
+    y_px: NDArray[np.floating],
+    ra0_deg: NDArray[np.floating],
+    dec0_deg: NDArray[np.floating],
     roll_deg: NDArray[np.floating] | float,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Inverse of `sky_to_focal`: ideal focal-plane X, Y (px) -> RA, Dec (deg)."""
@@ -424,12 +432,15 @@ class Level1Observation:
                     raise Level1FormatError("not a TAUVEX Level 1 observation (TELESCOP/FRAMES)")
                 frames = np.array(hdul["FRAMES"].data["FRAME"], dtype=np.uint8)
                 att = Table(hdul["ATTITUDE"].data)
-                return cls(int(h["OBS_ID"]), frames.reshape(-1, FRAME_BYTES), att,
-                           int(h["CLKSTART"]), int(h["CLKEND"]))
+                return cls(
+                    int(h["OBS_ID"]),
+                    frames.reshape(-1, FRAME_BYTES),
+                    att,
+                    int(h["CLKSTART"]),
+                    int(h["CLKEND"]),
+                )
         except (OSError, KeyError, TypeError) as exc:
             raise Level1FormatError(f"cannot read a TAUVEX Level 1 observation: {exc}") from exc
-
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,20 +452,50 @@ _C1E = (*_C1C, "GEOCORRX", "GEOCORRY")
 _C1F = (*_C1E, "RA", "DEC", "GLON", "GLAT")
 #: Columns of each Level 1 product (seed 004), before the extra TIME column.
 LEVEL_COLUMNS: dict[str, tuple[str, ...]] = {
-    "1a": _C1A, "1b": (*_C1A, "X", "Y"), "1c": _C1C, "1d": _C1C, "1e": _C1E, "1f": _C1F,
+    "1a": _C1A,
+    "1b": (*_C1A, "X", "Y"),
+    "1c": _C1C,
+    "1d": _C1C,
+    "1e": _C1E,
+    "1f": _C1F,
     "1g": _C1F,
 }
 #: FITS format and unit of every event column.
 COLUMN_FORMATS: dict[str, tuple[str, str | None]] = {
-    "W": ("I", "adu"), "S": ("I", "adu"), "Z": ("I", "adu"), "VALIDITY": ("J", None),
-    "X": ("E", "pixel"), "Y": ("E", "pixel"), "CALIB": ("E", None),
-    "GEOCORRX": ("E", "pixel"), "GEOCORRY": ("E", "pixel"),
-    "RA": ("D", "deg"), "DEC": ("D", "deg"), "GLON": ("D", "deg"), "GLAT": ("D", "deg"),
+    "W": ("I", "adu"),
+    "S": ("I", "adu"),
+    "Z": ("I", "adu"),
+    "VALIDITY": ("J", None),
+    "X": ("E", "pixel"),
+    "Y": ("E", "pixel"),
+    "CALIB": ("E", None),
+    "GEOCORRX": ("E", "pixel"),
+    "GEOCORRY": ("E", "pixel"),
+    "RA": ("D", "deg"),
+    "DEC": ("D", "deg"),
+    "GLON": ("D", "deg"),
+    "GLAT": ("D", "deg"),
     "TIME": ("D", "s"),
 }
-_STRUCTURAL = ("XTENSION", "BITPIX", "NAXIS", "PCOUNT", "GCOUNT", "TFIELDS", "TTYPE", "TFORM",
-               "TUNIT", "TNULL", "TSCAL", "TZERO", "TDIM", "EXTNAME", "CHECKSUM", "DATASUM",
-               "TDISP")
+_STRUCTURAL = (
+    "XTENSION",
+    "BITPIX",
+    "NAXIS",
+    "PCOUNT",
+    "GCOUNT",
+    "TFIELDS",
+    "TTYPE",
+    "TFORM",
+    "TUNIT",
+    "TNULL",
+    "TSCAL",
+    "TZERO",
+    "TDIM",
+    "EXTNAME",
+    "CHECKSUM",
+    "DATASUM",
+    "TDISP",
+)
 
 
 def product_header(header: fits.Header) -> fits.Header:
@@ -480,8 +521,12 @@ def event_table(level: str, columns: dict[str, NDArray], header: fits.Header) ->
     """
     names = (*LEVEL_COLUMNS[level], "TIME")
     cols = [
-        fits.Column(name=n, format=COLUMN_FORMATS[n][0], unit=COLUMN_FORMATS[n][1],
-                    array=np.asarray(columns[n]))
+        fits.Column(
+            name=n,
+            format=COLUMN_FORMATS[n][0],
+            unit=COLUMN_FORMATS[n][1],
+            array=np.asarray(columns[n]),
+        )
         for n in names
     ]
     hdr = product_header(header)
@@ -500,6 +545,7 @@ def event_columns(hdul: fits.HDUList) -> tuple[dict[str, NDArray], fits.Header]:
     hdu = hdul["EVENTS"]
     data = hdu.data
     names = hdu.columns.names
-    cols = {n: np.asarray(data[n]).astype(np.asarray(data[n]).dtype.newbyteorder("="))
-            for n in names}
+    cols = {
+        n: np.asarray(data[n]).astype(np.asarray(data[n]).dtype.newbyteorder("=")) for n in names
+    }
     return cols, hdu.header

@@ -17,7 +17,15 @@ import msgspec
 
 from shared import bus, subjects
 from shared.messages import Envelope, ObsId, ProductRef
-from shared.runtime import Context, ProductFile, ProductOut, RuntimeSettings, Service, ServiceRunner
+from shared.runtime import (
+    Context,
+    ProductFile,
+    ProductOut,
+    RuntimeSettings,
+    Service,
+    ServiceRunner,
+    stop_on_signals,
+)
 from shared.store import ObjectStore
 
 
@@ -28,6 +36,7 @@ class EchoService(Service):
         pass
 
     def __init__(self, work_s: float = 0.0) -> None:
+        self.config = self.Config()
         self.work_s = work_s
         self.handled = 0
 
@@ -72,7 +81,7 @@ async def _main(url: str, store_dir: str, ack_wait_s: float) -> None:
     runner = ServiceRunner(
         EchoService(), nats_url=url, store=ObjectStore(store_dir), settings=settings(ack_wait_s)
     )
-    await runner.run(asyncio.Event())
+    await runner.run(stop_on_signals())
 
 
 if __name__ == "__main__":

@@ -204,3 +204,31 @@ async def test_replay_bumps_version(nats_server: EmbeddedNats, store: ObjectStor
     stop.set()
     await task
     await nc.drain()
+
+
+async def test_sigterm_finishes_the_message_in_hand(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    store_dir = tmp_path / "store"
+    store = ObjectStore(str(store_dir))
+    nc, js = await setup_bus(nats_server.url)
+    cmd = [sys.executable, "-m", "tests.platform.echo_service", nats_server.url, str(store_dir)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        await publish_chunk(js, store, 9, b"SLOW2;")
+
+        async def holding() -> bool:
+            return bool(await store.list("test/decoded/scan9"))
+
+        await wait_for(holding)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+        # finished, published and acknowledged before exiting
+        assert await _consumer_idle(js)
+        outputs = await stream_messages(js, DECODED)
+        assert [m.obs.scan for _, m in outputs] == [9]  # type: ignore[union-attr]
+    finally:
+        proc.kill()
+        proc.wait()
+    await nc.drain()
