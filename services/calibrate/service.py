@@ -31,6 +31,7 @@ class CalibrateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class CalibrateService(Service):
     name = "calibrate"
     Config = CalibrateConfig
+    config: CalibrateConfig
 
     def __init__(self, config: CalibrateConfig) -> None:
         self.config = config

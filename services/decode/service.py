@@ -22,6 +22,7 @@ class DecodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class DecodeService(Service):
     name = "decode"
     Config = DecodeConfig
+    config: DecodeConfig
 
     def __init__(self, config: DecodeConfig) -> None:
         self.config = config

@@ -38,6 +38,7 @@ def band_name(instrument: str, channel: int) -> str:
 class ExtractService(Service):
     name = "extract"
     Config = ExtractConfig
+    config: ExtractConfig
 
     def __init__(self, config: ExtractConfig) -> None:
         self.config = config

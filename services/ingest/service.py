@@ -38,6 +38,7 @@ class _Input:
 class IngestService(Service):
     name = "ingest"
     Config = IngestConfig
+    config: IngestConfig
 
     def __init__(self, config: IngestConfig) -> None:
         self.config = config

@@ -40,6 +40,7 @@ def ensemble_id(*parts: object) -> int:
 class MosaicService(Service):
     name = "mosaic"
     Config = MosaicConfig
+    config: MosaicConfig
 
     def __init__(self, config: MosaicConfig) -> None:
         self.config = config
