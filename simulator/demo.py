@@ -34,8 +34,10 @@ def _tauvex_inputs(inputs: Path, truth: Path) -> list[Path]:
     attitude = inputs / "tauvex_scan_attitude.fits"
     level0.write_bytes(sim.level0)
     attitude.write_bytes(sim.attitude)
+    refcat = inputs / "tauvex_refcat.fits"
+    tauvex.reference_catalogue(sim).writeto(refcat, overwrite=True)
     sim.sources.write(truth / "tauvex_truth_sources.fits", overwrite=True)
-    return [level0, attitude]
+    return [level0, attitude, refcat]
 
 
 def print_demo_summary(out_dir: Path) -> None:

@@ -67,8 +67,10 @@ class TauvexSimulation:
 
 
 def _offset(
-    ra_deg: NDArray[np.float64], dec_deg: NDArray[np.float64],
-    east_arcsec: NDArray[np.float64] | float, north_arcsec: NDArray[np.float64] | float,
+    ra_deg: NDArray[np.float64],
+    dec_deg: NDArray[np.float64],
+    east_arcsec: NDArray[np.float64] | float,
+    north_arcsec: NDArray[np.float64] | float,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Move a position by small east/north offsets (arcsec)."""
     dec = dec_deg + np.asarray(north_arcsec) / ARCSEC_PER_DEG
@@ -105,8 +107,9 @@ def _make_sources(cfg: ScanConfig, rng: np.random.Generator) -> Table:
     # Uniform in the strip the field sweeps (tangent-plane arcsec about the start pointing).
     east = rng.uniform(-radius_arcsec * 0.95, scan_len_arcsec + radius_arcsec * 0.95, cfg.n_sources)
     north = rng.uniform(-radius_arcsec * 0.95, radius_arcsec * 0.95, cfg.n_sources)
-    ra, dec = _offset(np.full(cfg.n_sources, cfg.ra0_deg), np.full(cfg.n_sources, cfg.dec0_deg),
-                      east, north)
+    ra, dec = _offset(
+        np.full(cfg.n_sources, cfg.ra0_deg), np.full(cfg.n_sources, cfg.dec0_deg), east, north
+    )
     lo, hi = np.log(cfg.rate_range_cps[0]), np.log(cfg.rate_range_cps[1])
     rate1 = np.exp(rng.uniform(lo, hi, cfg.n_sources))
     colours = rng.uniform(0.6, 1.4, (3, cfg.n_sources))
@@ -141,7 +144,11 @@ def _charges(
 
 
 def _simulate_observation(
-    cfg: ScanConfig, rng: np.random.Generator, sources: Table, t0_s: float, t1_s: float,
+    cfg: ScanConfig,
+    rng: np.random.Generator,
+    sources: Table,
+    t0_s: float,
+    t1_s: float,
     exp_counts: dict[int, NDArray],
 ) -> dict[str, NDArray]:
     """Photon and non-photon events of all three telescopes for one observation."""
@@ -153,8 +160,11 @@ def _simulate_observation(
         # Sources: expected photons per (source, grid step) while inside the field circle.
         bra, bdec = _boresight(cfg, tele, grid)
         fx, fy = tv.sky_to_focal(
-            np.asarray(sources["ra_deg"])[:, None], np.asarray(sources["dec_deg"])[:, None],
-            bra[None, :], bdec[None, :], cfg.roll_deg,
+            np.asarray(sources["ra_deg"])[:, None],
+            np.asarray(sources["dec_deg"])[:, None],
+            bra[None, :],
+            bdec[None, :],
+            cfg.roll_deg,
         )
         r = np.hypot(fx - tv.DETECTOR_CENTER_PX, fy - tv.DETECTOR_CENTER_PX)
         inside = r < tv.FIELD_RADIUS_PX
@@ -169,8 +179,11 @@ def _simulate_observation(
         t = np.repeat(grid[t_idx], reps) + rng.uniform(0.0, dt, src.size)
         bra_e, bdec_e = _boresight(cfg, tele, t)
         x, y = tv.sky_to_focal(
-            np.asarray(sources["ra_deg"])[src], np.asarray(sources["dec_deg"])[src],
-            bra_e, bdec_e, cfg.roll_deg,
+            np.asarray(sources["ra_deg"])[src],
+            np.asarray(sources["dec_deg"])[src],
+            bra_e,
+            bdec_e,
+            cfg.roll_deg,
         )
         x = x + rng.normal(0.0, sigma_opt_px, x.size)
         y = y + rng.normal(0.0, sigma_opt_px, y.size)
@@ -205,12 +218,21 @@ def _simulate_observation(
         w, s, z = _charges(rng, cfg, xd, yd, q)
         bra_e, bdec_e = _boresight(cfg, tele, t)
         ra, dec = tv.focal_to_sky(x, y, bra_e, bdec_e, cfg.roll_deg)
-        chunks.append({
-            "tele": np.full(x.size, tele, dtype=np.int8),
-            "time_ms": cfg.start_clock_ms + np.floor(t * 1000.0).astype(np.int64),
-            "w": w, "s": s, "z": z, "valid": valid, "source_id": src.astype(np.int32),
-            "x_focal_px": x, "y_focal_px": y, "ra_deg": ra, "dec_deg": dec,
-        })
+        chunks.append(
+            {
+                "tele": np.full(x.size, tele, dtype=np.int8),
+                "time_ms": cfg.start_clock_ms + np.floor(t * 1000.0).astype(np.int64),
+                "w": w,
+                "s": s,
+                "z": z,
+                "valid": valid,
+                "source_id": src.astype(np.int32),
+                "x_focal_px": x,
+                "y_focal_px": y,
+                "ra_deg": ra,
+                "dec_deg": dec,
+            }
+        )
     ev = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     order = np.argsort(ev["time_ms"], kind="stable")
     return {k: v[order] for k, v in ev.items()}
@@ -228,11 +250,13 @@ def _encode_observation(obs_id: int, ev: dict[str, NDArray]) -> NDArray[np.uint8
     ev_pos = np.arange(ms.size) + np.cumsum(new_ms)
     body[ev_pos] = tv.event_segment(ev["tele"], ev["w"], ev["s"], ev["z"])
     body[ev_pos[new_ms] - 1] = tv.time_segment(ms[new_ms])
-    seg = np.concatenate([
-        np.array([tv.log_segment(tv.LogCode.START, obs_id)], dtype=np.uint64),
-        body,
-        np.array([tv.log_segment(tv.LogCode.END, obs_id)], dtype=np.uint64),
-    ])
+    seg = np.concatenate(
+        [
+            np.array([tv.log_segment(tv.LogCode.START, obs_id)], dtype=np.uint64),
+            body,
+            np.array([tv.log_segment(tv.LogCode.END, obs_id)], dtype=np.uint64),
+        ]
+    )
     pad = (-seg.size) % tv.SEGMENTS_PER_FRAME
     seg = np.concatenate([seg, np.full(pad, tv.FILLER_SEGMENT, dtype=np.uint64)])
     return tv.frames_from_segments(seg.reshape(-1, tv.SEGMENTS_PER_FRAME))
@@ -272,8 +296,9 @@ def simulate_scan(config: ScanConfig | None = None) -> TauvexSimulation:
         slots[np.linspace(0, n_slots - 1, data.shape[0]).astype(np.int64)] = data
         frames.append(np.broadcast_to(tv.FILLER_FRAME, (cfg.leading_filler_frames, 128)))
         frames.append(slots)
-        observations.append((obs_id, int(cfg.start_clock_ms + t0 * 1000),
-                             int(cfg.start_clock_ms + t1 * 1000)))
+        observations.append(
+            (obs_id, int(cfg.start_clock_ms + t0 * 1000), int(cfg.start_clock_ms + t1 * 1000))
+        )
     frames.append(np.broadcast_to(tv.FILLER_FRAME, (10, tv.FRAME_BYTES)))
     level0 = np.ascontiguousarray(np.concatenate(frames)).tobytes()
 
@@ -306,6 +331,47 @@ def simulate_scan(config: ScanConfig | None = None) -> TauvexSimulation:
         sources[f"exp_counts_t{k}"] = exp_counts[k]
     all_events = {k: np.concatenate([e[k] for e in events]) for k in events[0]}
     return TauvexSimulation(
-        config=cfg, level0=level0, attitude=attitude_fits_bytes(reported), events=all_events,
-        sources=sources, attitude_truth=truth, observations=observations,
+        config=cfg,
+        level0=level0,
+        attitude=attitude_fits_bytes(reported),
+        events=all_events,
+        sources=sources,
+        attitude_truth=truth,
+        observations=observations,
     )
+
+
+def reference_catalogue(
+    sim: TauvexSimulation,
+    *,
+    min_rate_cps: float = 20.0,
+    pos_err_arcsec: float = 0.2,
+    seed: int = 0,
+) -> fits.HDUList:
+    """An external astrometric reference catalogue of the scanned field (as a mission would take
+    from a star catalogue): the brighter sources with positions known to `pos_err_arcsec` (rms
+    per axis). A calibration file: header CALTYPE='REFCAT', INSTRUME='TAUVEX'; columns RA, DEC
+    (deg), POS_ERR (arcsec)."""
+    rng = np.random.default_rng(seed)
+    src = sim.sources[np.asarray(sim.sources["rate_cps_t1"]) >= min_rate_cps]
+    n = len(src)
+    dec = np.asarray(src["dec_deg"]) + rng.normal(0.0, pos_err_arcsec, n) / 3600.0
+    ra = np.asarray(src["ra_deg"]) + rng.normal(0.0, pos_err_arcsec, n) / 3600.0 / np.cos(
+        np.radians(dec)
+    )
+    table = fits.BinTableHDU.from_columns(
+        [
+            fits.Column("RA", "D", unit="deg", array=ra),
+            fits.Column("DEC", "D", unit="deg", array=dec),
+            fits.Column("POS_ERR", "E", unit="arcsec", array=np.full(n, pos_err_arcsec)),
+        ],
+        name="REFCAT",
+    )
+    primary = fits.PrimaryHDU()
+    for h in (primary.header, table.header):
+        h["TELESCOP"] = (tv.TELESCOP, "mission")
+        h["INSTRUME"] = (tv.TELESCOP, "instrument")
+        h["CALTYPE"] = ("REFCAT", "astrometric reference catalogue for REGISTER")
+        h["CHNLNUM"] = (0, "all telescopes")
+        h["FILENAME"] = ("tauvex_refcat.fits", "file name")
+    return fits.HDUList([primary, table])

@@ -8,7 +8,10 @@ arrived (the stim flashes that track the responsivity are spread over the AOR).
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
+import numpy as np
 
 from shared import fitsio
 from shared.errors import Skip
@@ -165,6 +168,15 @@ class CalibrateService(Service):
 
     # --- TAUVEX ---------------------------------------------------------------------------
 
+    async def _tauvex_reference(self, ctx: Context) -> tuple[Any, Any]:
+        """RA, Dec (deg) of the astrometric reference catalogue (CALTYPE REFCAT), if one was
+        submitted; without it REGISTER registers on the observation's own bright sources."""
+        key = (await ctx.calibration.lookup("TAUVEX", 0)).get("REFCAT")
+        if key is None:
+            return None, None
+        table = (await ctx.read_fits(key))[1].data
+        return np.asarray(table["RA"], dtype=float), np.asarray(table["DEC"], dtype=float)
+
     async def _tauvex(self, ref: ProductRef, ctx: Context) -> None:
         from services.calibrate.tauvex.chain import run_chain
         from services.decode.service import tauvex_name
@@ -175,7 +187,15 @@ class CalibrateService(Service):
         obs = await ctx.run(tv.Level1Observation.from_bytes, await ctx.read(level1_key))
         scan, tele = ref.obs.scan or 0, ref.obs.telescope or 0
         keep = {*self.config.tauvex_keep_levels, "1g"}  # mosaic needs 1g
-        levels = await ctx.run(run_chain, level1a, obs.attitude, keep_levels=tuple(keep))
+        ref_ra, ref_dec = await self._tauvex_reference(ctx)
+        levels = await ctx.run(
+            run_chain,
+            level1a,
+            obs.attitude,
+            keep_levels=tuple(keep),
+            reference_ra_deg=ref_ra,
+            reference_dec_deg=ref_dec,
+        )
         for level, hdul in sorted(levels.items()):
             if level == "1a":
                 continue  # decode's product already

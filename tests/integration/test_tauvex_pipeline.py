@@ -24,12 +24,13 @@ def tauvex_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
     sim = tauvex.simulate_scan(tauvex.ScanConfig())
     (inputs / "scan_level0.bin").write_bytes(sim.level0)
     (inputs / "scan_attitude.fits").write_bytes(sim.attitude)
+    tauvex.reference_catalogue(sim).writeto(inputs / "refcat.fits")
     watch = run_pipeline(inputs, root / "data", root / "out", workers=2)
-    return watch, root / "data" / "store"
+    return watch, root / "data" / "store", sim
 
 
 def test_every_tauvex_level_is_a_stored_product(tauvex_run) -> None:  # type: ignore[no-untyped-def]
-    watch, store_root = tauvex_run
+    watch, store_root, _ = tauvex_run
     kinds = [(p.level, p.product_type) for p in watch.products]
     assert kinds.count(("telemetry", "level1")) == 1
     for kind in (
@@ -55,7 +56,7 @@ def test_every_tauvex_level_is_a_stored_product(tauvex_run) -> None:  # type: ig
 
 
 def test_tauvex_headers_carry_module_versions(tauvex_run) -> None:  # type: ignore[no-untyped-def]
-    watch, store_root = tauvex_run
+    watch, store_root, _ = tauvex_run
     level1g = next(p for p in watch.products if p.product_type == "level1g")
     with fits.open(store_root / level1g.key) as hdul:
         h = hdul["EVENTS"].header
@@ -97,7 +98,7 @@ def test_tauvex_headers_carry_module_versions(tauvex_run) -> None:  # type: igno
 
 @pytest.mark.skipif(shutil.which("fitsverify") is None, reason="Debian fitsverify not installed")
 def test_tauvex_products_pass_fitsverify(tauvex_run) -> None:  # type: ignore[no-untyped-def]
-    watch, store_root = tauvex_run
+    watch, store_root, _ = tauvex_run
     seen: dict[str, Path] = {}
     for p in watch.products:
         for o in (p.primary, *p.companions):
@@ -109,3 +110,28 @@ def test_tauvex_products_pass_fitsverify(tauvex_run) -> None:  # type: ignore[no
         if out.returncode != 0 or "OK" not in out.stdout:
             bad.append((kind, out.stdout.strip()))
     assert len(seen) >= 5 and not bad, bad
+
+
+def test_tauvex_source_positions_match_truth(tauvex_run) -> None:  # type: ignore[no-untyped-def]
+    """Positions of detected sources (from 1g events, registered on the reference catalogue)
+    match truth to better than 1/3 of the PSF FWHM (RMS over sources with S/N > 10)."""
+    import numpy as np
+    from astropy.table import Table
+
+    from shared.instruments import tauvex as tv
+
+    watch, store_root, sim = tauvex_run
+    truth = sim.sources
+    seps = []
+    for ref in (p for p in watch.products if p.product_type == "sources"):
+        table = Table.read(store_root / ref.key)
+        table = table[table["SNR"] > 10]
+        cosd = np.cos(np.radians(np.asarray(truth["dec_deg"])))
+        for row in table:
+            d = np.hypot((truth["ra_deg"] - row["RA"]) * cosd, truth["dec_deg"] - row["DEC"]) * 3600
+            if d.min() < tv.PSF_FWHM_ARCSEC:
+                seps.append(d.min())
+    rms = float(np.sqrt(np.mean(np.square(seps))))
+    assert len(seps) >= 30
+    print(f"TAUVEX position RMS {rms:.2f} arcsec over {len(seps)} detections")
+    assert rms < tv.PSF_FWHM_ARCSEC / 3, rms
