@@ -126,3 +126,25 @@ def test_corrupt_telemetry_is_dead_lettered_and_the_rest_processed(tmp_path: Pat
     bcds = [p for p in watch.products if p.product_type == "bcd"]
     assert n_dce - 2 <= len(bcds) < n_dce  # the corrupt DCE lost, the good ones all calibrated
     assert any(p.product_type == "maic" for p in watch.products)
+
+
+def test_scan_map_with_three_bands(tmp_path: Path) -> None:
+    """A MIPSSCAN AOR with 24, 70 and 160 um: three post-BCD mosaics and one band-merged list
+    with a column set per band."""
+    from astropy.table import Table
+
+    from simulator import mips
+
+    inputs = tmp_path / "in"
+    mips.write_aor(
+        mips.MipsAORConfig.scan_map(channels=(1, 2, 3)), inputs, truth_dir=tmp_path / "truth"
+    )
+    watch = run_pipeline(inputs, tmp_path / "data", tmp_path / "out", workers=2)
+    assert not watch.dead, [d.reason for d in watch.dead]
+    assert sorted(p.obs.channel for p in watch.products if p.product_type == "maic") == [1, 2, 3]
+    merged = next(tmp_path.glob("out/*bandmerged.tbl"))
+    table = Table.read(merged, format="ascii.ipac")
+    for band in ("24um", "70um", "160um"):
+        assert f"flag_{band}" in table.colnames
+        assert set(table[f"flag_{band}"]) <= {"D", "U", "N"}
+    assert (table["flag_160um"] == "D").sum() >= 1
