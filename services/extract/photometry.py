@@ -54,8 +54,9 @@ def mips_band(header: Mapping[str, object], band_name: str) -> mips.MipsBand | N
     return None
 
 
-def gaussian_aperture_correction(*, fwhm_arcsec: float, radius_arcsec: float,
-                                 pixel_arcsec: float) -> float:
+def gaussian_aperture_correction(
+    *, fwhm_arcsec: float, radius_arcsec: float, pixel_arcsec: float
+) -> float:
     """Infinite-aperture correction (total / enclosed) of a pixel-integrated Gaussian PSF.
 
     For a Gaussian of sigma s, enclosed fraction = 1 - exp(-r^2 / 2 s^2); pixel integration adds
@@ -67,8 +68,9 @@ def gaussian_aperture_correction(*, fwhm_arcsec: float, radius_arcsec: float,
     return 1.0 / frac
 
 
-def vega_magnitude(flux_ujy: np.ndarray, flux_err_ujy: np.ndarray, *,
-                   vega_zero_jy: float) -> tuple[np.ndarray, np.ndarray]:
+def vega_magnitude(
+    flux_ujy: np.ndarray, flux_err_ujy: np.ndarray, *, vega_zero_jy: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Vega magnitudes m = 2.5 log10(f0 / f) and their 1-sigma errors; NaN where f <= 0."""
     f = np.asarray(flux_ujy, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -95,8 +97,10 @@ def aperture_fluxes(
         return np.zeros(0), np.zeros(0)
     ap = CircularAperture(np.column_stack([x, y]), r=radius_px)
     tab = aperture_photometry(image, ap, error=unc, mask=mask, method="exact")
-    return (np.asarray(tab["aperture_sum"], dtype=float),
-            np.asarray(tab["aperture_sum_err"], dtype=float))
+    return (
+        np.asarray(tab["aperture_sum"], dtype=float),
+        np.asarray(tab["aperture_sum_err"], dtype=float),
+    )
 
 
 def estimate_fwhm_px(
@@ -130,9 +134,16 @@ def estimate_fwhm_px(
     chi2 = np.empty(trials.size)
     for k, fwhm in enumerate(trials):
         # A common stamp for every trial so that the chi^2 values compare like with like.
-        fit = fit_point_sources(image, weight, x0=det.x[pick], y0=det.y[pick],
-                                flux0=det.flux[pick], fwhm_px=float(fwhm),
-                                half_size=math.ceil(1.5 * trials.max()), max_iter=10)
+        fit = fit_point_sources(
+            image,
+            weight,
+            x0=det.x[pick],
+            y0=det.y[pick],
+            flux0=det.flux[pick],
+            fwhm_px=float(fwhm),
+            half_size=math.ceil(1.5 * trials.max()),
+            max_iter=10,
+        )
         chi2[k] = float(np.sum(fit.chi2))
     k = int(np.argmin(chi2))
     if 0 < k < trials.size - 1:
@@ -161,6 +172,7 @@ def extract_sources(
     residual_pass: bool = True,
     subtract_neighbours: bool = True,
     mask_sources_in_background: bool = False,
+    band_aperture_table: bool = False,
 ) -> Table:
     """APEX-like point-source extraction from a mosaic (image and unc in MJy/sr).
 
@@ -174,10 +186,14 @@ def extract_sources(
     `subtract_neighbours`, on the image minus the fitted models of all other sources);
     Vega magnitudes.
 
-    FWHM: `fwhm_arcsec` if given, else the MIPS band's (header INSTRUME='MIPS'), else measured
-    from the image. Aperture: `aperture_radius_arcsec` (default 1.2 FWHM) with
-    `aperture_correction` (default: the MIPS table value when the radius matches one, else the
-    Gaussian-PSF correction). `unc` may be None: the background RMS map is used instead.
+    FWHM: `fwhm_arcsec` if given, else measured from the image's bright isolated sources (for
+    MIPS products seeded by the band FWHM, which is used when no source is bright enough).
+    Aperture: `aperture_radius_arcsec` (default 1.2 FWHM) with `aperture_correction` (default:
+    the correction of the PRF model actually fitted, a pixel-integrated Gaussian of the FWHM
+    used, so aperture and PRF fluxes refer to the same PSF; the band's tabulated corrections,
+    measured on the real MIPS PSF, only with `band_aperture_table=True`, i.e. when the data's
+    PSF is the real MIPS one and the radius matches a tabulated one). `unc` may be None: the
+    background RMS map is used instead.
     `vega_zero_jy` defaults to the MIPS band's zero point (magnitudes
     are NaN when there is none). `coverage` (frames per pixel) may be None; pixels with zero
     coverage, non-finite values or unc <= 0 are ignored.
@@ -229,7 +245,16 @@ def extract_sources(
     box = box_px or _default_box(guess_px, img.shape)
     bkg, rms = estimate_background(img, mask=~valid, box_px=box)
     sub = np.where(valid, img - bkg, 0.0)
-    if not math.isfinite(fwhm_px):
+    if fwhm_src == "MIPS band":
+        # The band FWHM is the optics' PSF; the mosaic's point response is broader (native
+        # pixel and resampling kernel convolved in, ~9% at 24 um), and a PRF narrower than the
+        # data biases PRF fluxes low by several per cent. Measure it, seeded by the band value.
+        try:
+            fwhm_px = estimate_fwhm_px(sub, weight, guess_px=fwhm_px)
+            fwhm_src = "measured (MIPS band seed)"
+        except ExtractionError:
+            pass  # no bright source: the band FWHM is the best available
+    elif not math.isfinite(fwhm_px):
         fwhm_px = estimate_fwhm_px(sub, weight, guess_px=guess_px)
         if not box_px:
             box = _default_box(fwhm_px, img.shape)
@@ -247,8 +272,15 @@ def extract_sources(
     err_cal = np.where(valid, err * uscale, np.inf)
 
     det = find_peaks(mf, threshold=detect_sigma, valid=valid)
-    fit = fit_point_sources(sub, weight_cal, x0=det.x, y0=det.y, flux0=det.flux,
-                            fwhm_px=fwhm_px, half_size=fit_half_size_px)
+    fit = fit_point_sources(
+        sub,
+        weight_cal,
+        x0=det.x,
+        y0=det.y,
+        flux0=det.flux,
+        fwhm_px=fwhm_px,
+        half_size=fit_half_size_px,
+    )
     seg = det.n_in_segment
     if residual_pass and det.x.size:
         # Detect on the residual: companions lost in a brighter source's peak show up here.
@@ -263,46 +295,78 @@ def extract_sources(
                 y0 = np.concatenate([fit.y, more.y[new]])
                 f0 = np.concatenate([fit.flux, more.flux[new]])
                 seg = np.concatenate([seg, np.full(int(new.sum()), 2)])
-                fit = fit_point_sources(sub, weight_cal, x0=x0, y0=y0, flux0=f0,
-                                        fwhm_px=fwhm_px, half_size=fit_half_size_px)
+                fit = fit_point_sources(
+                    sub,
+                    weight_cal,
+                    x0=x0,
+                    y0=y0,
+                    flux0=f0,
+                    fwhm_px=fwhm_px,
+                    half_size=fit_half_size_px,
+                )
     # Drop sources the fit merged into a neighbour or pushed negative: keep the brighter twin.
     keep = np.isfinite(fit.flux) & np.isfinite(fit.flux_err) & (fit.flux > 0)
     if fit.flux.size > 1:
         from scipy.spatial import cKDTree
 
         pairs = cKDTree(np.column_stack([fit.x, fit.y])).query_pairs(
-            0.5 * fwhm_px, output_type="ndarray")
+            0.5 * fwhm_px, output_type="ndarray"
+        )
         if len(pairs):
-            fainter = np.where(fit.flux[pairs[:, 0]] < fit.flux[pairs[:, 1]],
-                               pairs[:, 0], pairs[:, 1])
+            fainter = np.where(
+                fit.flux[pairs[:, 0]] < fit.flux[pairs[:, 1]], pairs[:, 0], pairs[:, 1]
+            )
             keep[fainter] = False
     if not np.all(keep):
         seg = seg[keep]
-        fit = fit_point_sources(sub, weight_cal, x0=fit.x[keep], y0=fit.y[keep],
-                                flux0=fit.flux[keep], fwhm_px=fwhm_px,
-                                half_size=fit_half_size_px)
+        fit = fit_point_sources(
+            sub,
+            weight_cal,
+            x0=fit.x[keep],
+            y0=fit.y[keep],
+            flux0=fit.flux[keep],
+            fwhm_px=fwhm_px,
+            half_size=fit_half_size_px,
+        )
 
     # Aperture photometry at the fitted positions.
     fwhm_as = fwhm_px * pix_arcsec
     r_as = float(aperture_radius_arcsec) if aperture_radius_arcsec else 1.2 * fwhm_as
+    table_corr = _table_aperture_correction(band, r_as) if band_aperture_table else None
     if aperture_correction is not None:
-        apcorr = float(aperture_correction)
+        apcorr, apc_src = float(aperture_correction), "parameter"
+    elif table_corr is not None:
+        apcorr, apc_src = table_corr, "MIPS band table (real PSF)"
     else:
-        apcorr = _table_aperture_correction(band, r_as) or gaussian_aperture_correction(
-            fwhm_arcsec=fwhm_as, radius_arcsec=r_as, pixel_arcsec=pix_arcsec)
+        # The PRF fitted is a Gaussian: its own correction keeps flux_ap consistent with flux.
+        # The MIPS table (real PSF, Airy rings: 1.61 at 7") would be wrong by up to 50% here.
+        apcorr, apc_src = (
+            gaussian_aperture_correction(
+                fwhm_arcsec=fwhm_as, radius_arcsec=r_as, pixel_arcsec=pix_arcsec
+            ),
+            "Gaussian PRF",
+        )
     r_px = r_as / pix_arcsec
     if subtract_neighbours:
         # Aperture on the residual image plus the source's own model: the fitted neighbours are
         # removed from the aperture, the source's own light is kept (model part: its fitted
         # flux times the Gaussian model's enclosed fraction).
-        ap_sum, ap_err = aperture_fluxes(fit.residual, np.where(valid, err_cal, 0.0), x=fit.x,
-                                         y=fit.y, radius_px=r_px, mask=~valid)
-        own = 1.0 / gaussian_aperture_correction(fwhm_arcsec=fwhm_px, radius_arcsec=r_px,
-                                                 pixel_arcsec=1.0)
+        ap_sum, ap_err = aperture_fluxes(
+            fit.residual,
+            np.where(valid, err_cal, 0.0),
+            x=fit.x,
+            y=fit.y,
+            radius_px=r_px,
+            mask=~valid,
+        )
+        own = 1.0 / gaussian_aperture_correction(
+            fwhm_arcsec=fwhm_px, radius_arcsec=r_px, pixel_arcsec=1.0
+        )
         ap_sum = ap_sum + fit.flux * own
     else:
-        ap_sum, ap_err = aperture_fluxes(sub, np.where(valid, err_cal, 0.0), x=fit.x, y=fit.y,
-                                         radius_px=r_px, mask=~valid)
+        ap_sum, ap_err = aperture_fluxes(
+            sub, np.where(valid, err_cal, 0.0), x=fit.x, y=fit.y, radius_px=r_px, mask=~valid
+        )
 
     flux_ujy = fit.flux * ujy_per_pix
     dflux_ujy = fit.flux_err * ujy_per_pix
@@ -345,20 +409,23 @@ def extract_sources(
     t["chi2_dof"] = fit.chi2_dof
     t["N_PS"] = fit.n_in_group.astype(np.int32)
     t["deblend"] = ((fit.n_in_group > 1) | (seg > 1)).astype(np.int16)
-    t["coverage"] = (cov[iy, ix] if cov is not None else np.full(n, np.nan))
-    t.meta.update({
-        "BAND": band_name,
-        "FWHM": round(fwhm_as, 4),
-        "FWHMSRC": fwhm_src,
-        "APRAD": r_as,
-        "APCORR": apcorr,
-        "PIXSCAL": pix_arcsec,
-        "UJYPPIX": ujy_per_pix,
-        "UNCSCALE": uscale,
-        "NSIGDET": detect_sigma,
-        "BKGRMS": float(np.median(rms[valid])),
-        "APNBSUB": bool(subtract_neighbours),
-    })
+    t["coverage"] = cov[iy, ix] if cov is not None else np.full(n, np.nan)
+    t.meta.update(
+        {
+            "BAND": band_name,
+            "FWHM": round(fwhm_as, 4),
+            "FWHMSRC": fwhm_src,
+            "APRAD": r_as,
+            "APCORR": apcorr,
+            "APCSRC": apc_src,
+            "PIXSCAL": pix_arcsec,
+            "UJYPPIX": ujy_per_pix,
+            "UNCSCALE": uscale,
+            "NSIGDET": detect_sigma,
+            "BKGRMS": float(np.median(rms[valid])),
+            "APNBSUB": bool(subtract_neighbours),
+        }
+    )
     return t
 
 

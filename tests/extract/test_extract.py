@@ -54,8 +54,9 @@ def test_columns_and_units(result24):
     assert str(t["flux"].unit) == "uJy"
     assert str(t["RA"].unit) == "deg"
     assert str(t["delta_RA"].unit) == "arcsec"
-    assert t.meta["FWHMSRC"] == "MIPS band"
-    assert t.meta["FWHM"] == pytest.approx(5.9)
+    # The band FWHM seeds the measurement of the mosaic's own PRF (here a 5.9" Gaussian).
+    assert t.meta["FWHMSRC"] == "measured (MIPS band seed)"
+    assert t.meta["FWHM"] == pytest.approx(5.9, rel=0.03)
     # MIPS 24 um zero point 7.17 Jy: m = 2.5 log10(7.17e6 uJy / f).
     ok = t["flux"] > 0
     expect = 2.5 * np.log10(7.17e6 / np.asarray(t["flux"][ok]))
@@ -125,7 +126,7 @@ def test_70um_mosaic():
     t = extract_sources(m.image, m.unc, m.coverage, m.header, fwhm_arcsec=None, band_name="70um",
                         aperture_radius_arcsec=r_as, aperture_correction=apcorr,
                         vega_zero_jy=None)
-    assert t.meta["FWHM"] == pytest.approx(18.0)
+    assert t.meta["FWHM"] == pytest.approx(18.0, rel=0.03)
     idx, found, real = _match(t, m.truth, radius_px=1.0)
     snr = np.asarray(m.truth["snr_true"])
     assert found[snr >= 10].mean() >= 0.90
