@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
@@ -96,26 +98,40 @@ def estimate_background(
     real[:ny, :nx] = True
     area = real.reshape(gy, by, gx, bx).sum(axis=(1, 3)).ravel()
     level, rms, cnt = _clipped_mesh_stats(cells, nsigma=nsigma, n_iter=5)
+    # Where in each cell its usable pixels are: on a sloped sky, a cell cut by the coverage
+    # edge measures the level at the centroid of its pixels, not at its centre.
+    yy, xx = np.mgrid[0 : gy * by, 0 : gx * bx]
+    usable = np.isfinite(padded)
+    ucount = usable.reshape(gy, by, gx, bx).sum(axis=(1, 3)).ravel()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy = (np.where(usable, yy, 0).reshape(gy, by, gx, bx).sum(axis=(1, 3)).ravel() / ucount)
+        cx = (np.where(usable, xx, 0).reshape(gy, by, gx, bx).sum(axis=(1, 3)).ravel() / ucount)
     good = (cnt >= min_valid_fraction * area) & np.isfinite(level) & np.isfinite(rms)
     if not np.any(good):
         raise BackgroundError(
             "no background cell has enough usable pixels: check the coverage/mask or use a "
             "larger box_px"
         )
-    level = level.reshape(gy, gx)
+    # On a sloped sky, a cell cut by the coverage edge measures the level at the centroid of
+    # its usable pixels, and an empty cell has none: a smooth polynomial surface through the
+    # good cells (at their centroids) moves each level to its cell centre and fills the empty
+    # cells, which a nearest-cell fill would flatten.
+    surface = _quadratic_surface(cy[good], cx[good], level[good], weights=cnt[good])
+    ccy = ((np.arange(gy) + 0.5) * by - 0.5)[:, None] * np.ones((1, gx))
+    ccx = ((np.arange(gx) + 0.5) * bx - 0.5)[None, :] * np.ones((gy, 1))
+    centre = surface(ccy.ravel(), ccx.ravel())
+    level = np.where(good, level + centre - surface(cy, cx), centre).reshape(gy, gx)
     rms = rms.reshape(gy, gx)
     good = good.reshape(gy, gx)
     if not np.all(good):
         _, (iy, ix) = ndimage.distance_transform_edt(~good, return_indices=True)
-        level = level[iy, ix]
         rms = rms[iy, ix]
     if filter_size > 1 and min(gy, gx) >= 4:
         # Like SExtractor's BACK_FILTERTHRESH: only cells that stand out from their neighbours
         # by more than `filter_threshold` x RMS are replaced (a source-contaminated cell), so
-        # that a smoothly curved background is not flattened by the median filter.
-        # The filter runs on the grid minus a smooth quadratic trend: a 2-D median filter
-        # biases a sloped grid at its edges.
-        trend = _quadratic_trend(level)
+        # that a smoothly curved background is not flattened by the median filter. The filter
+        # runs on the grid minus the smooth surface: a 2-D median filter biases a sloped grid.
+        trend = centre.reshape(gy, gx)
         level_f = trend + ndimage.median_filter(level - trend, size=filter_size, mode="nearest")
         rms_f = ndimage.median_filter(rms, size=filter_size, mode="nearest")
         out = np.abs(level - level_f) > filter_threshold * rms_f
@@ -139,24 +155,40 @@ def estimate_background(
     return bkg, np.maximum(_to_full(rms2, by, bx, ny, nx), 0.0)
 
 
-def _quadratic_trend(grid: np.ndarray) -> np.ndarray:
-    """Least-squares quadratic surface through a grid (one 3-sigma clip), evaluated on it."""
-    gy, gx = grid.shape
-    if gy * gx < 12:
-        return np.full_like(grid, np.median(grid))
-    yy, xx = np.mgrid[0:gy, 0:gx]
-    y = (yy.ravel() - gy / 2) / max(gy, 1)
-    x = (xx.ravel() - gx / 2) / max(gx, 1)
-    design = np.column_stack([np.ones_like(x), x, y, x * x, x * y, y * y])
-    v = grid.ravel()
-    keep = np.ones(v.size, dtype=bool)
-    coef = np.zeros(design.shape[1])
-    for _ in range(2):
-        coef, *_ = np.linalg.lstsq(design[keep], v[keep], rcond=None)
-        res = v - design @ coef
+def _quadratic_surface(
+    y: np.ndarray, x: np.ndarray, values: np.ndarray, *, weights: np.ndarray
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Weighted least-squares polynomial surface (cubic from 20 points, quadratic from 12)
+    through scattered (y, x, value) points, with 3-sigma clips; returns a function of (y, x).
+    Fewer than 12 points: a constant."""
+    if values.size < 12:
+        const = float(np.median(values))
+        return lambda yq, xq: np.full(np.broadcast(yq, xq).shape, const)
+    y0, x0 = float(np.mean(y)), float(np.mean(x))
+    scale = max(float(np.ptp(y)), float(np.ptp(x)), 1.0)
+
+    # A cubic where there are enough cells to constrain it (>= 2 per term), else a quadratic.
+    order = 3 if values.size >= 20 else 2
+    powers = [(i, j) for i in range(order + 1) for j in range(order + 1 - i)]
+
+    def design(yq: np.ndarray, xq: np.ndarray) -> np.ndarray:
+        u, v = (np.asarray(xq) - x0) / scale, (np.asarray(yq) - y0) / scale
+        return np.stack([u**i * v**j for i, j in powers], axis=-1)
+
+    a = design(y, x)
+    sw = np.sqrt(np.asarray(weights, dtype=float))
+    keep = np.ones(values.size, dtype=bool)
+    coef = np.zeros(a.shape[1])
+    for _ in range(3):
+        coef, *_ = np.linalg.lstsq(a[keep] * sw[keep, None], values[keep] * sw[keep], rcond=None)
+        res = values - a @ coef
         mad = 1.4826 * np.median(np.abs(res[keep] - np.median(res[keep])))
         keep = np.abs(res) <= 3.0 * max(mad, 1e-30)
-    return (design @ coef).reshape(gy, gx)
+
+    def evaluate(yq: np.ndarray, xq: np.ndarray) -> np.ndarray:
+        return np.asarray(design(yq, xq) @ coef)
+
+    return evaluate
 
 
 def _to_full(grid: np.ndarray, by: int, bx: int, ny: int, nx: int) -> np.ndarray:

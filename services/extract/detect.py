@@ -79,11 +79,19 @@ def matched_filter(
         grow = 2 * math.ceil(2 * fwhm_px / step) + 1
         near = ndimage.maximum_filter(np.abs(snr_s) > 5.0, size=grow)
         quiet = snr_s[valid & ~near]
-        if quiet.size > 100:
+        est = 0.0
+        if quiet.size > max(100, valid.sum() // 20):
             lo, hi = np.percentile(quiet, [15.865, 84.135])
             est = 0.5 * (hi - lo)
+        else:
+            # A crowded (confused) map has no source-free area: the negative half of the S/N
+            # map is still noise (sources only add), and its RMS is the noise sigma.
+            neg = snr_s[valid & (snr_s < 0)]
+            if neg.size > 100:
+                est = float(np.sqrt(np.mean(neg * neg)))
+        if est > 0:
             # Only a modest rescaling is believable: a large factor means a wrong unc map.
-            scale = float(np.clip(est, 0.2, 5.0)) if est > 0 else 1.0
+            scale = float(np.clip(est, 0.2, 5.0))
     return MatchedFilter(flux=flux, snr=snr / scale, noise_scale=scale, den=den, sigma_px=sigma)
 
 
