@@ -1,0 +1,1 @@
+"""Tests of the peer benchmarks (smoke only: timings are reported, never asserted)."""
