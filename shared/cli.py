@@ -476,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="submit files, wait for their products, collect them",
         description="Submit input files or folders (MIPS telemetry .tlm, Spitzer "
-        "raw/BCD FITS, calibration FITS, TAUVEX Level 0 + attitude), show progress "
+        "raw/BCD FITS, calibration FITS, TAUVEX Level 0 + attitude, ISOCAM TDF + EOH "
+        "table), show progress "
         "until the pipeline is idle, then copy the final products (mosaics, source "
         "lists, quick-look PNGs) into --out and print their paths. Without --nats, "
         "an embedded nats-server and all services run for the duration.",
@@ -489,9 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sp.add_parser(
         "demo",
         help="simulate observations and run them end to end",
-        description="Simulate a MIPS 24+70 um photometry AOR and a TAUVEX scan "
-        "with known truth, run them through the whole pipeline, and print the "
-        "products it made.",
+        description="Simulate a MIPS 24+70 um photometry AOR, a TAUVEX scan and an "
+        "ISOCAM revolution (TDF + EOH) with known truth, run them through the whole "
+        "pipeline, and print the products it made.",
     )
     bus_args(q, required=False)
     run_args(q)

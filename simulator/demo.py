@@ -1,4 +1,5 @@
-"""The demo data set: a MIPS 24+70 um photometry AOR and a TAUVEX drift scan, with truth.
+"""The demo data set: a MIPS 24+70 um photometry AOR, a TAUVEX drift scan and an ISOCAM
+revolution (two LW raster observations), with truth.
 
 Inputs (what a telescope team would submit) go to `<dir>/inputs`, truth tables to
 `<dir>/truth`, so `skybus run <dir>/inputs` never sees the answers.
@@ -21,6 +22,7 @@ def write_demo_inputs(folder: Path) -> list[Path]:
     written = mips.write_aor(mips.MipsAORConfig(), inputs, truth_dir=truth / "mips")
     paths = [p for p in written if p.parent == inputs]
     paths += _tauvex_inputs(inputs, truth)
+    paths += _isocam_inputs(inputs, truth)
     return paths
 
 
@@ -40,12 +42,31 @@ def _tauvex_inputs(inputs: Path, truth: Path) -> list[Path]:
     return [level0, attitude, refcat]
 
 
+def _isocam_inputs(inputs: Path, truth: Path) -> list[Path]:
+    """A simulated revolution's TDF + EOH table; the sources of each observation as truth."""
+    from shared.instruments import isocam as ic
+    from simulator import isocam
+
+    sim = isocam.simulate_revolution(isocam.RevolutionConfig())
+    rev = sim.config.revolution
+    tdf = inputs / f"isocam_rev{rev:03d}.tdf"
+    eoh = inputs / f"{ic.product_name('EOHC', f'{rev:03d}')}.fits"
+    tdf.write_bytes(sim.tdf)
+    eoh.write_bytes(sim.eoh)
+    for obsnum, sources in sim.sources.items():
+        sources.write(truth / f"isocam_truth_sources_{obsnum}.fits", overwrite=True)
+    return [tdf, eoh]
+
+
 def print_demo_summary(out_dir: Path) -> None:
-    """Print the head of the band-merged tables the demo made."""
-    for path in sorted(out_dir.glob("*bandmerged*.tbl")):
+    """Print the head of the band-merged tables and ISOCAM point-source lists the demo made."""
+    for path in sorted(out_dir.glob("*bandmerged*.tbl")) + sorted(out_dir.glob("CPSL*.tbl")):
         table = Table.read(path, format="ascii.ipac")
         print(f"\n{path.name}: {len(table)} sources; first rows:")
         cols = [c for c in table.colnames if not c.startswith("delta")][:9]
+        if path.name.startswith("CPSL"):
+            cpsl_cols = ("SOURCE", "RA", "DEC", "FLUX", "FLUX_ERR", "SNR")
+            cols = [c for c in cpsl_cols if c in table.colnames]
         table[cols][:8].pprint(max_width=140)
     pngs = sorted(out_dir.glob("*.png"))
     if pngs:

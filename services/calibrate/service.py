@@ -1,5 +1,6 @@
 """Calibrate: raw products -> calibrated products (MIPS BCD + bunc + bbmsk/bmask + fbcd;
-TAUVEX Level 1b..1g). Scales out horizontally: replicas share one durable consumer.
+TAUVEX Level 1b..1g; ISOCAM SPD: CISP + CGLL + CCIM). Scales out horizontally: replicas share
+one durable consumer.
 
 Consumes `skybus.decoded.>`; publishes `skybus.calibrated.<instrument>.<type>`. MIPS 24 um is
 calibrated per DCE; Ge (70/160 um) per AOR and channel, once every DCE of the group has
@@ -50,6 +51,8 @@ class CalibrateService(Service):
             await self._mips_ge(message, ctx)
         elif kind == ("TAUVEX", "level1a"):
             await self._tauvex(message, ctx)
+        elif kind == ("ISOCAM", "cier"):
+            await self._isocam(message, ctx)
         else:
             raise Skip(f"nothing to calibrate for {message.instrument} {message.product_type}")
 
@@ -218,6 +221,36 @@ class CalibrateService(Service):
                     meta={"level1": level1_key},
                 )
             )
+
+    # --- ISOCAM ---------------------------------------------------------------------------
+
+    async def _isocam(self, ref: ProductRef, ctx: Context) -> None:
+        """Derive_SPD: CIER -> CISP pair rates (primary), CGLL glitch list, CCIM images."""
+        from services.calibrate.isocam.chain import calibrate_observation
+        from shared.instruments import isocam as ic
+
+        obsnum = str(ref.obs.obsnum)
+        cier = await ctx.read_fits(ref.key)
+        spd = await ctx.run(calibrate_observation, cier)
+        version = await ctx.version(f"ISOCAM.spd.{obsnum}")
+        files = []
+        for root, hdul in (("CISP", spd.cisp), ("CGLL", spd.cgll), ("CCIM", spd.ccim)):
+            fitsio.add_provenance(hdul[0].header, step="calibrate Derive_SPD", parents=(ref.key,))
+            name = f"{ic.product_name(root, obsnum)}.fits"
+            files.append(ProductFile.fits(root.lower(), name, hdul))
+        await ctx.emit(
+            ProductOut(
+                instrument="ISOCAM",
+                level=Level.CALIBRATED,
+                product_type="spd",
+                obs=ref.obs,
+                files=files,
+                subdir=ic.product_dir(obsnum, version),
+                version=version,
+                parents=(ref.key,),
+                meta={**ref.meta, "n_glitches": int(spd.glitch.sum())},
+            )
+        )
 
 
 SERVICE = CalibrateService

@@ -1,4 +1,5 @@
-"""Decode: telemetry chunks -> raw products (MIPS raw DCE FITS, TAUVEX Level 1a event tables).
+"""Decode: telemetry chunks -> raw products (MIPS raw DCE FITS, TAUVEX Level 1a event tables,
+ISOCAM CIER edited raw data).
 
 Consumes `skybus.telemetry.>`; publishes `skybus.decoded.<instrument>.<type>`. A chunk that
 cannot be decoded is dead-lettered with the reason; it never blocks the chunks behind it.
@@ -34,6 +35,8 @@ class DecodeService(Service):
             await self._mips_dce(message, ctx)
         elif (message.instrument, message.product_type) == ("TAUVEX", "level1"):
             await self._tauvex_level1(message, ctx)
+        elif (message.instrument, message.product_type) == ("ISOCAM", "tdf"):
+            await self._isocam_tdf(message, ctx)
         else:
             raise Skip(f"no decoder for {message.instrument} {message.product_type}")
 
@@ -89,6 +92,29 @@ class DecodeService(Service):
                     meta={"level1": ref.key},
                 )
             )
+
+    async def _isocam_tdf(self, ref: ProductRef, ctx: Context) -> None:
+        """Derive_ERD: a CTDF observation slice -> CIER (one row per RESET/EOI readout)."""
+        from services.decode.isocam.erd import derive_erd
+        from shared.instruments import isocam as ic
+
+        obsnum = str(ref.obs.obsnum)
+        cier = await ctx.run(derive_erd, await ctx.read(ref.key))
+        fitsio.add_provenance(cier[0].header, step="decode Derive_ERD", parents=(ref.key,))
+        version = await ctx.version(f"ISOCAM.cier.{obsnum}")
+        await ctx.emit(
+            ProductOut(
+                instrument="ISOCAM",
+                level=Level.DECODED,
+                product_type="cier",
+                obs=ref.obs,
+                files=[ProductFile.fits("cier", f"{ic.product_name('CIER', obsnum)}.fits", cier)],
+                subdir=ic.product_dir(obsnum, version),
+                version=version,
+                parents=(ref.key,),
+                meta=ref.meta,
+            )
+        )
 
 
 def tauvex_name(level: str, scan: int, telescope: int, version: int, suffix: str = "fits") -> str:

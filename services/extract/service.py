@@ -3,7 +3,8 @@
 Consumes `skybus.mosaicked.>`; publishes `skybus.sources.<instrument>.<type>`: `sources` per
 band (IPAC .tbl + FITS table) as soon as a band's mosaic arrives, `bandmerged` once every band
 of the AOR (or TAUVEX scan) has its mosaic; a band without a detection gets an upper limit
-measured from its underlying frames.
+measured from its underlying frames. ISOCAM: one CPSL point-source list per observation
+(FITS + IPAC .tbl) from its CMOS mosaic and CMAP maps.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from astropy.table import Table
 
 from shared import fitsio
 from shared.bcd import BCDFrame, read_frames
-from shared.errors import Skip
+from shared.errors import BadData, Skip
 from shared.instruments import mips
 from shared.messages import Envelope, ObsId, ProductRef
 from shared.runtime import Context, ProductFile, ProductOut, Service
@@ -50,6 +51,8 @@ class ExtractService(Service):
             await self._post_bcd(message, ctx)
         elif message.instrument == "TAUVEX" and message.product_type == "level2":
             await self._tauvex(message, ctx)
+        elif message.instrument == "ISOCAM" and message.product_type == "cmos":
+            await self._isocam(message, ctx)
         else:
             raise Skip(f"extract does not use {message.instrument} {message.product_type}")
 
@@ -225,6 +228,41 @@ class ExtractService(Service):
             )
         )
         ctx.group_done_after_publish(ref.group.id, 1)
+
+    async def _isocam(self, ref: ProductRef, ctx: Context) -> None:
+        """AAR point sources: CMOS + CMAP -> CPSL (FITS, primary) and its IPAC table."""
+        from services.extract.isocam.cpsl import extract_sources
+        from services.extract.tables import to_ipac_bytes
+        from shared.instruments import isocam as ic
+
+        obsnum = str(ref.obs.obsnum)
+        cmap_obj = ref.file("cmap")
+        if cmap_obj is None:
+            raise BadData(f"ISOCAM CMOS {ref.key} has no CMAP companion: no pointing maps")
+        cmos = await ctx.read_fits(ref.key)
+        cmap = await ctx.read_fits(cmap_obj.key)
+        cpsl = await ctx.run(extract_sources, cmos, cmap, snr_threshold=self.config.detect_sigma)
+        parents = (ref.key, cmap_obj.key)
+        fitsio.add_provenance(cpsl[0].header, step="extract CPSL", parents=parents)
+        table = Table.read(cpsl[1])
+        version = await ctx.version(f"ISOCAM.cpsl.{obsnum}")
+        name = ic.product_name("CPSL", obsnum)
+        await ctx.emit(
+            ProductOut(
+                instrument="ISOCAM",
+                level=Level.SOURCES,
+                product_type="cpsl",
+                obs=ref.obs,
+                files=[
+                    ProductFile.fits("cpsl", f"{name}.fits", cpsl),
+                    ProductFile("tbl", f"{name}.tbl", await ctx.run(to_ipac_bytes, table)),
+                ],
+                subdir=ic.product_dir(obsnum, version),
+                version=version,
+                parents=parents,
+                meta={"n_sources": len(table), "filter": str(ref.meta.get("filter", ""))},
+            )
+        )
 
 
 SERVICE = ExtractService

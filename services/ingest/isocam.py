@@ -20,10 +20,13 @@ from numpy.typing import NDArray
 from shared.instruments import isocam as ic
 from shared.instruments.isocam import Problem
 
-__all__ = ["ClockCalibration", "EohError", "IngestResult", "NotTdfError", "Problem",
-           "TdfObservation", "read_eoh", "split_tdf"]
+__all__ = ["HOUSEKEEPING_ONLY", "ClockCalibration", "EohError", "IngestResult", "NotTdfError",
+           "Problem", "TdfObservation", "read_eoh", "split_tdf"]
 
 EOH_COLUMNS = ("OBSNUM", "UTKSTART", "UTKEND")
+#: Reason of the `Problem` that counts buffers between observations: expected in every
+#: revolution (slews, idle time), so callers may report it without treating it as a defect.
+HOUSEKEEPING_ONLY = "buffers outside any EOH observation (housekeeping only, not sliced)"
 
 
 class NotTdfError(ValueError):
@@ -247,8 +250,7 @@ def split_tdf(tdf: bytes, eoh: bytes) -> IngestResult:
             obsnum, revolution, u0, u1, clock, np.ascontiguousarray(buf[gidx[sel]]),
             _text(row, "AOT"), _text(row, "OBJECT"), obs_problems))
     if (~in_any).any():
-        problems.append(Problem("buffers outside any EOH observation (housekeeping only, not "
-                                "sliced)", int((~in_any).sum()), _first(gidx[~in_any])))
+        problems.append(Problem(HOUSEKEEPING_ONLY, int((~in_any).sum()), _first(gidx[~in_any])))
     return IngestResult(observations, problems, clock, revolution, n_full, int(good.sum()),
                         int(csum_bad.sum()), int((~sync_ok).sum()))
 

@@ -1,4 +1,5 @@
-"""What a submitted file is: MIPS telemetry, Spitzer archive FITS, calibration FITS, TAUVEX.
+"""What a submitted file is: MIPS telemetry, Spitzer archive FITS, calibration FITS, TAUVEX,
+ISOCAM TDF + EOH.
 
 Recognition goes by content first (FITS header keywords, telemetry sync patterns), then by
 the mission's file-naming rules; names alone are never trusted for FITS.
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 from astropy.io import fits
 
+from shared.instruments import isocam as ic
 from shared.instruments import tauvex as tv
 
 FITS_MAGIC = b"SIMPLE  ="
@@ -37,6 +39,15 @@ class InputKind(enum.StrEnum):
     MIPS_TELEMETRY = "mips_telemetry"
     TAUVEX_LEVEL0 = "tauvex_level0"
     TAUVEX_ATTITUDE = "tauvex_attitude"
+    ISOCAM_TDF = "isocam_tdf"
+    ISOCAM_EOH = "isocam_eoh"
+
+
+#: ISOCAM buffers looked at for the sync word + ident: a TDF whose first buffer is damaged is
+#: still recognised (split_tdf counts the bad buffers).
+ISOCAM_PROBE_BUFFERS = 4
+#: Root of the EOH table's product name and EXTNAME (docs/isocam-tdf.md).
+ISOCAM_EOH_ROOT = "EOHC"
 
 
 def safe_name(name: str) -> str:
@@ -52,6 +63,25 @@ def _primary_header(data: bytes) -> fits.Header:
         raise ValueError(f"FITS header cannot be read ({exc}); is the file complete?") from exc
 
 
+def _is_isocam_tdf(data: bytes) -> bool:
+    """True if one of the first buffers starts with the ISOCAM sync word and ident."""
+    marker = ic.SYNC + ic.IDENT
+    return any(
+        data[k * ic.BUFFER_BYTES : k * ic.BUFFER_BYTES + len(marker)] == marker
+        for k in range(ISOCAM_PROBE_BUFFERS)
+    )
+
+
+def _is_isocam_eoh(header: fits.Header, data: bytes) -> bool:
+    """True for an ISO EOH table: FILENAME EOHC<rev>, or a BINTABLE named EOHC."""
+    if str(header.get("FILENAME", "")).strip().upper().startswith(ISOCAM_EOH_ROOT):
+        return True
+    if str(header.get("TELESCOP", "")).strip().upper() != ic.TELESCOP:
+        return False  # only ISO files are opened past their primary header
+    with fits.open(io.BytesIO(data), memmap=False) as hdul:
+        return any(h.name.upper() == ISOCAM_EOH_ROOT for h in hdul[1:])
+
+
 def classify(name: str, data: bytes) -> tuple[InputKind, fits.Header | None]:
     """Recognise a submitted file; raises ValueError saying what was expected."""
     if not data:
@@ -65,20 +95,27 @@ def classify(name: str, data: bytes) -> tuple[InputKind, fits.Header | None]:
                 names = {h.name.upper() for h in hdul}
             if names & {"ATTITUDE", "HOUSEKEEPING"} or "ATTITUDE" in name.upper():
                 return InputKind.TAUVEX_ATTITUDE, header
+        if _is_isocam_eoh(header, data):
+            return InputKind.ISOCAM_EOH, header
         telescope = str(header.get("TELESCOP", "")).strip().lower()
         if telescope in ("spitzer", "sirtf") or SPITZER_NAME.match(name):
             return InputKind.SPITZER_FITS, header
         raise ValueError(
             "FITS file not recognised: expected a Spitzer raw/BCD product (TELESCOP='Spitzer'), "
-            "a calibration file (CALTYPE keyword) or a TAUVEX attitude table"
+            "a calibration file (CALTYPE keyword), a TAUVEX attitude table or an ISOCAM EOH "
+            "table (EXTNAME EOHC)"
         )
+    # before CCSDS: the ISOCAM sync word 1A CF FC 1D would pass the CCSDS version check
+    if _is_isocam_tdf(data):
+        return InputKind.ISOCAM_TDF, None
     if tv.SYNC_WORD in data[: 4 * tv.FRAME_BYTES]:
         return InputKind.TAUVEX_LEVEL0, None
     # CCSDS space packets: version bits 000 and a telecommand/telemetry header
     if len(data) >= 6 and data[0] & CCSDS_VERSION_MASK == 0:
         return InputKind.MIPS_TELEMETRY, None
     raise ValueError(
-        "unrecognised input: not FITS, not CCSDS telemetry (MIPS) and no TAUVEX sync word; "
+        "unrecognised input: not FITS, not CCSDS telemetry (MIPS), no TAUVEX sync word and no "
+        "ISOCAM TDF buffer (sync 1ACFFC1D + ICAM); "
         "see `skybus run --help` for what can be submitted"
     )
 

@@ -3,7 +3,8 @@
 Consumes `skybus.input.>` (Submission: files placed in the store). Recognises each file:
 MIPS CCSDS telemetry (split per DCE), Spitzer archive FITS (raw or BCD, entered at their
 level, grouped per AOR and channel), calibration FITS (registered for calibrate), TAUVEX
-Level 0 + attitude (Level 1 observations). A file that cannot be used is dead-lettered with the
+Level 0 + attitude (Level 1 observations), ISOCAM TDF + EOH (one CTDF slice per observation).
+A file that cannot be used is dead-lettered with the
 reason; the other files of the submission go on.
 """
 
@@ -66,6 +67,7 @@ class IngestService(Service):
         await self._tauvex(
             by_kind[InputKind.TAUVEX_LEVEL0], by_kind[InputKind.TAUVEX_ATTITUDE], ctx
         )
+        await self._isocam(by_kind[InputKind.ISOCAM_TDF], by_kind[InputKind.ISOCAM_EOH], ctx)
 
     async def _calibration(self, item: _Input, ctx: Context) -> None:
         header = item.header
@@ -200,6 +202,68 @@ class IngestService(Service):
                         subdir=f"scan{obs.obs_id:04d}",
                         version=version,
                         parents=(item.obj.key, att.obj.key),
+                    )
+                )
+
+    async def _isocam(self, tdfs: list[_Input], eohs: list[_Input], ctx: Context) -> None:
+        """TDF_First_Scan: each revolution's TDF, split by the submission's EOH table, becomes
+        one CTDF slice (TELEMETRY "tdf") per observation. Defects of the TDF are dead letters;
+        the good buffers still go on."""
+        if not tdfs and not eohs:
+            return
+        if len(eohs) != 1:
+            for item in tdfs + eohs:
+                ctx.dead_letter(
+                    f"{item.obj.name}: ISOCAM needs exactly one EOH table (EXTNAME EOHC) beside "
+                    f"the TDF of a revolution in a submission (got {len(eohs)}); submit them "
+                    "together",
+                    item=item.obj.name,
+                )
+            return
+        from services.ingest import isocam
+        from shared.instruments import isocam as ic
+
+        eoh = eohs[0]
+        for item in tdfs:
+            name = item.obj.name
+            try:
+                result = await ctx.run(isocam.split_tdf, item.data, eoh.data)
+            except ValueError as exc:
+                ctx.dead_letter(f"{name}: {exc}", item=name)
+                continue
+            # buffers between observations (slews, idle time) are expected, not a defect
+            between = sum(p.count for p in result.problems if p.reason == isocam.HOUSEKEEPING_ONLY)
+            ctx.log.info(
+                "isocam_tdf",
+                file=name,
+                revolution=result.revolution,
+                buffers=result.n_buffers,
+                good=result.n_good,
+                between_observations=between,
+                observations=len(result.observations),
+            )
+            for problem in result.problems:
+                if problem.reason != isocam.HOUSEKEEPING_ONLY:
+                    # one item per reason: dead letters are de-duplicated by (seq, item)
+                    ctx.dead_letter(f"{name}: {problem}", item=f"{name} [{problem.reason}]")
+            for obs in result.observations:
+                if obs.buffers.shape[0] == 0:
+                    for problem in obs.problems:
+                        ctx.dead_letter(f"{name}: {problem}", item=f"{name} [{obs.obsnum}]")
+                    continue
+                version = await ctx.version(f"ISOCAM.tdf.{obs.obsnum}")
+                data = await ctx.run(obs.to_bytes)
+                await ctx.emit(
+                    ProductOut(
+                        instrument="ISOCAM",
+                        level=Level.TELEMETRY,
+                        product_type="tdf",
+                        obs=ObsId(obsnum=obs.obsnum, revolution=obs.revolution),
+                        files=[ProductFile("tdf", f"{obs.name}.fits", data)],
+                        subdir=ic.product_dir(obs.obsnum, version),
+                        version=version,
+                        parents=(item.obj.key, eoh.obj.key),
+                        meta={"aot": obs.aot, "object": obs.target},
                     )
                 )
 

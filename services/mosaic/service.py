@@ -1,5 +1,6 @@
-"""Mosaic: calibrated frames -> post-BCD mosaics per AOR and band (MIPS, archive BCDs) and
-Level 2 images per scan (TAUVEX), each with uncertainty, coverage and a quick-look PNG.
+"""Mosaic: calibrated frames -> post-BCD mosaics per AOR and band (MIPS, archive BCDs),
+Level 2 images per scan (TAUVEX) and AAR maps per observation (ISOCAM CMAP + CMOS), each with
+uncertainty, coverage and a quick-look PNG.
 
 Consumes `skybus.calibrated.>`; waits (JetStream KV) until every member of a group has arrived,
 then builds the mosaic once; publishes `skybus.mosaicked.<instrument>.<type>`.
@@ -14,7 +15,7 @@ import msgspec
 
 from shared import fitsio
 from shared.bcd import read_frames
-from shared.errors import Skip
+from shared.errors import BadData, Skip
 from shared.instruments import mips
 from shared.messages import Envelope, Group, ProductRef
 from shared.runtime import Context, ProductFile, ProductOut, Service
@@ -52,6 +53,8 @@ class MosaicService(Service):
             await self._post_bcd(message, ctx)
         elif message.instrument == "TAUVEX" and message.product_type == "level1g":
             await self._tauvex_level2(message, ctx)
+        elif message.instrument == "ISOCAM" and message.product_type == "spd":
+            await self._isocam_maps(message, ctx)
         else:
             raise Skip(f"mosaic does not use {message.instrument} {message.product_type}")
 
@@ -164,6 +167,44 @@ class MosaicService(Service):
                 parents=(ref.key,),
                 group=Group(f"TAUVEX-{scan}-level2", tele - 1, len(tv.TELESCOPES)),
                 meta={"filter": tv.TELESCOPES[tele].filter.name},
+            )
+        )
+
+    async def _isocam_maps(self, ref: ProductRef, ctx: Context) -> None:
+        """AAR maps: the CCIM of an observation -> CMOS raster mosaic (primary), CMAP flux
+        maps per pointing and a quick-look PNG of the CMOS flux."""
+        from services.mosaic.isocam.maps import make_maps
+        from shared.instruments import isocam as ic
+
+        obsnum = str(ref.obs.obsnum)
+        ccim_obj = ref.file("ccim")
+        if ccim_obj is None:
+            raise BadData(f"ISOCAM SPD {ref.key} has no CCIM companion: nothing to map")
+        ccim = await ctx.read_fits(ccim_obj.key)
+        maps = await ctx.run(make_maps, ccim)
+        for hdul in (maps.cmos, maps.cmap):
+            fitsio.add_provenance(hdul[0].header, step="mosaic AAR maps", parents=(ccim_obj.key,))
+        version = await ctx.version(f"ISOCAM.cmos.{obsnum}")
+        cmos_name = ic.product_name("CMOS", obsnum)
+        await ctx.emit(
+            ProductOut(
+                instrument="ISOCAM",
+                level=Level.MOSAICKED,
+                product_type="cmos",
+                obs=ref.obs,
+                files=[
+                    ProductFile.fits("cmos", f"{cmos_name}.fits", maps.cmos),
+                    ProductFile.fits("cmap", f"{ic.product_name('CMAP', obsnum)}.fits", maps.cmap),
+                    ProductFile("quicklook", f"{cmos_name}.png", maps.png),
+                ],
+                subdir=ic.product_dir(obsnum, version),
+                version=version,
+                parents=(ccim_obj.key,),
+                meta={
+                    "aot": str(ref.meta.get("aot", "")),
+                    "object": str(ref.meta.get("object", "")),
+                    "filter": str(maps.cmos[0].header.get("FILTER", "")),
+                },
             )
         )
 

@@ -281,6 +281,13 @@ def product_name(root: str, number: str) -> str:
     return f"{root}{number}"
 
 
+def product_dir(obsnum: str, version: int) -> str:
+    """Store folder of an observation's products: `rev<rev>/<obsnum>/v<version>`. ISO names
+    carry no processing version, so the folder does (keys stay unique per version)."""
+    product_name("CTDF", obsnum)  # validates the 8-digit observation number
+    return f"rev{obsnum[:3]}/{obsnum}/v{version}"
+
+
 class Problem:
     """A counted, reported defect of the input: what, how many, where (first buffer indices)."""
 
