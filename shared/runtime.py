@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import hashlib
 import json
 import signal
 import time
@@ -392,7 +393,10 @@ class ServiceRunner:
             await self.groups.done(group_id, version=version)
 
     async def _publish_dead(self, dl: DeadLetter) -> None:
-        msg_id = f"dl:{dl.service}:{dl.outcome}:{dl.stream_seq}:{dl.item}"
+        # one message may report several problems: each is its own dead letter, and a retry
+        # of the same message reports the same ones again (deduplicated)
+        digest = hashlib.sha256(f"{dl.item}\n{dl.reason}".encode()).hexdigest()[:16]
+        msg_id = f"dl:{dl.service}:{dl.outcome}:{dl.stream_seq}:{digest}"
         await self._publish(subjects.deadletter_subject(dl.service), messages.encode(dl), msg_id)
 
     async def _on_max_deliveries(self, adv: Msg) -> None:
