@@ -46,6 +46,7 @@ class MipsAORConfig:
     n_sources: int = 200
     flux_24_min_ujy: float = 70.0
     flux_24_max_ujy: float = 20000.0
+    count_slope: float = 0.7  #: 24 um counts N(>S) ~ S**-count_slope
     sky_half_arcsec: float = 230.0  #: sources are drawn within +-this of the centre
     seed: int = 20240601
     # --- timing
@@ -427,6 +428,7 @@ def simulate_aor(cfg: MipsAORConfig) -> SimulatedAOR:
         flux_24_min_ujy=cfg.flux_24_min_ujy,
         flux_24_max_ujy=cfg.flux_24_max_ujy,
         seed=cfg.seed + 1,
+        count_slope=cfg.count_slope,
     )
     start_sclk = (cfg.start_mjd - tlm.SCLK_EPOCH_MJD) * 86400.0
     writer = tlm.MipsTelemetryWriter(cfg.segment_bytes)
