@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -66,7 +67,7 @@ def estimate_background(
     filter_size: int = 3,
     filter_threshold: float = 0.3,
     nsigma: float = 3.0,
-    min_valid_fraction: float = 0.5,
+    min_valid_fraction: float = 0.35,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Background level and background RMS of `image`, both in the image unit, full resolution.
 
@@ -120,7 +121,11 @@ def estimate_background(
     ccy = ((np.arange(gy) + 0.5) * by - 0.5)[:, None] * np.ones((1, gx))
     ccx = ((np.arange(gx) + 0.5) * bx - 0.5)[None, :] * np.ones((gy, 1))
     centre = surface(ccy.ravel(), ccx.ravel())
-    level = np.where(good, level + centre - surface(cy, cx), centre).reshape(gy, gx)
+    # Far from the data (an empty corner of a narrow, rotated footprint) a polynomial runs away:
+    # an empty cell takes the surface only within the range the good cells measured.
+    fill = np.clip(centre, float(np.min(level[good])), float(np.max(level[good])))
+    shifted = level + centre - surface(np.nan_to_num(cy), np.nan_to_num(cx))
+    level = np.where(good, shifted, fill).reshape(gy, gx)
     rms = rms.reshape(gy, gx)
     good = good.reshape(gy, gx)
     if not np.all(good):
@@ -158,17 +163,16 @@ def estimate_background(
 def _quadratic_surface(
     y: np.ndarray, x: np.ndarray, values: np.ndarray, *, weights: np.ndarray
 ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """Weighted least-squares polynomial surface (cubic from 20 points, quadratic from 12)
-    through scattered (y, x, value) points, with 3-sigma clips; returns a function of (y, x).
-    Fewer than 12 points: a constant."""
-    if values.size < 12:
+    """Weighted least-squares polynomial surface through scattered (y, x, value) points, with
+    3-sigma clips; returns a function of (y, x). The order follows the number of points (>= 2
+    per term): cubic from 20, quadratic from 12, a plane from 6, else a constant."""
+    if values.size < 6:
         const = float(np.median(values))
         return lambda yq, xq: np.full(np.broadcast(yq, xq).shape, const)
     y0, x0 = float(np.mean(y)), float(np.mean(x))
     scale = max(float(np.ptp(y)), float(np.ptp(x)), 1.0)
 
-    # A cubic where there are enough cells to constrain it (>= 2 per term), else a quadratic.
-    order = 3 if values.size >= 20 else 2
+    order = 3 if values.size >= 20 else 2 if values.size >= 12 else 1
     powers = [(i, j) for i in range(order + 1) for j in range(order + 1 - i)]
 
     def design(yq: np.ndarray, xq: np.ndarray) -> np.ndarray:
@@ -220,11 +224,21 @@ def _to_full(grid: np.ndarray, by: int, bx: int, ny: int, nx: int) -> np.ndarray
 def _spline_weights(nodes: np.ndarray, n: int) -> np.ndarray:
     """(n, len(nodes)) matrix W such that W @ values interpolates `values` given at `nodes`
     (natural cubic spline, or linear for fewer than 4 nodes) at 0..n-1."""
+    # The level and the RMS grids share their nodes: the weights are computed once.
+    return _spline_weights_cached(np.asarray(nodes, dtype=float).tobytes(), n)
+
+
+@functools.lru_cache(maxsize=16)
+def _spline_weights_cached(nodes_bytes: bytes, n: int) -> np.ndarray:
+    nodes = np.frombuffer(nodes_bytes, dtype=float)
     eye = np.eye(nodes.size)
     out = np.arange(n, dtype=float)
     if nodes.size < 4:
-        return np.stack([np.interp(out, nodes, col) for col in eye], axis=1)
-    return CubicSpline(nodes, eye, bc_type="natural", axis=0)(out)
+        w = np.stack([np.interp(out, nodes, col) for col in eye], axis=1)
+    else:
+        w = np.asarray(CubicSpline(nodes, eye, bc_type="natural", axis=0)(out))
+    w.flags.writeable = False  # shared by every caller through the cache
+    return w
 
 
 class BackgroundError(ValueError):

@@ -11,11 +11,11 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
-from photutils.aperture import CircularAperture, aperture_photometry
 
 from services.extract.background import estimate_background
 from services.extract.detect import find_peaks, matched_filter, refilter
 from services.extract.prf import (
+    fit_common_fwhm,
     fit_point_sources,
     pixel_integrated_gaussian_1d,
     sigma_from_fwhm,
@@ -91,16 +91,62 @@ def aperture_fluxes(
     """Exact-overlap circular-aperture sums (image unit x pixel) and their 1-sigma errors.
 
     `image` must be background-subtracted; `unc` is the per-pixel 1-sigma uncertainty;
-    masked pixels (True) contribute nothing. Positions are 0-based pixels.
+    masked pixels (True) contribute nothing. Positions are 0-based pixels. Each pixel counts
+    with the exact area of its overlap with the circle (as photutils' method='exact'), the
+    variance with the same weights; all apertures at once, on (n, stamp) arrays.
     """
-    if np.size(x) == 0:
+    xs = np.asarray(x, dtype=float).ravel()
+    ys = np.asarray(y, dtype=float).ravel()
+    if xs.size == 0:
         return np.zeros(0), np.zeros(0)
-    ap = CircularAperture(np.column_stack([x, y]), r=radius_px)
-    tab = aperture_photometry(image, ap, error=unc, mask=mask, method="exact")
-    return (
-        np.asarray(tab["aperture_sum"], dtype=float),
-        np.asarray(tab["aperture_sum_err"], dtype=float),
-    )
+    ny, nx = image.shape
+    h = math.ceil(radius_px) + 1
+    off = np.arange(-h, h + 1)
+    px = np.round(xs).astype(np.int64)[:, None] + off[None, :]  # (n, side)
+    py = np.round(ys).astype(np.int64)[:, None] + off[None, :]
+    area = _circle_pixel_overlap(px - xs[:, None], py - ys[:, None], radius_px)  # (n, side^2)
+    inside = ((py >= 0) & (py < ny))[:, :, None] & ((px >= 0) & (px < nx))[:, None, :]
+    flat = np.clip(py, 0, ny - 1)[:, :, None] * nx + np.clip(px, 0, nx - 1)[:, None, :]
+    keep = inside.reshape(area.shape) & (area > 0)
+    if mask is not None:
+        keep &= ~np.asarray(mask, dtype=bool).ravel()[flat.reshape(area.shape)]
+    wgt = np.where(keep, area, 0.0)
+    idx = flat.reshape(area.shape)
+    with np.errstate(invalid="ignore"):
+        vals = np.where(keep, np.asarray(image, dtype=float).ravel()[idx], 0.0)
+        var = np.where(keep, np.asarray(unc, dtype=float).ravel()[idx] ** 2, 0.0)
+    ap_sum = np.einsum("ns,ns->n", wgt, vals)
+    ap_err = np.sqrt(np.einsum("ns,ns->n", wgt, var))
+    off_image = ~np.any(inside.reshape(area.shape) & (area > 0), axis=1)
+    ap_sum[off_image] = ap_err[off_image] = np.nan  # as photutils: no overlap, no value
+    return ap_sum, ap_err
+
+
+def _circle_pixel_overlap(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """Exact area of overlap of a circle of radius r (centre at the origin) with the unit
+    pixels centred at column offsets dx (n, a) and row offsets dy (n, b); shape (n, b * a).
+
+    Inclusion-exclusion over the pixel corners of the signed quadrant area q(u, v) = area of
+    the circle within [0, u] x [0, v] (odd in u and in v)."""
+
+    def quadrant(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        a = np.minimum(np.abs(u), r)
+        b = np.minimum(np.abs(v), r)
+        # Past the circle's edge: the rectangle up to where row v meets the circle, plus the
+        # circular segment from there to u (integral of sqrt(r^2 - t^2)).
+        xc = np.sqrt(np.maximum(r * r - b * b, 0.0))
+        lo = np.minimum(xc, a)
+
+        def prim(t: np.ndarray) -> np.ndarray:
+            return 0.5 * (t * np.sqrt(np.maximum(r * r - t * t, 0.0)) + r * r * np.arcsin(t / r))
+
+        q = lo * b + prim(a) - prim(lo)
+        return np.sign(u) * np.sign(v) * q
+
+    x0, x1 = (dx - 0.5)[:, None, :], (dx + 0.5)[:, None, :]
+    y0, y1 = (dy - 0.5)[:, :, None], (dy + 0.5)[:, :, None]
+    area = quadrant(x1, y1) - quadrant(x0, y1) - quadrant(x1, y0) + quadrant(x0, y0)
+    return np.maximum(area, 0.0).reshape(dx.shape[0], -1)
 
 
 def estimate_fwhm_px(
@@ -113,11 +159,14 @@ def estimate_fwhm_px(
 ) -> float:
     """FWHM (pixels) of the point sources in a background-subtracted image.
 
-    The brightest isolated peaks are PRF-fitted with a grid of trial FWHMs and the chi^2
-    minimum is located by a parabola through the best three trials.
+    The brightest isolated peaks (S/N > 20, up to `n_sources`) are PRF-fitted together with one
+    FWHM common to all (each source's flux and position free): the FWHM minimising the total
+    chi^2, bounded to 0.4-2.5 x `guess_px`. With `grid` (trial FWHMs), the chi^2 is instead
+    evaluated at each trial and its minimum located by a parabola through the best three.
     Raises `ExtractionError` when no source is bright enough.
     """
-    trials = np.asarray(grid if grid is not None else guess_px * np.geomspace(0.4, 2.5, 15))
+    lo_hi = (0.4 * guess_px, 2.5 * guess_px)
+    trials = np.asarray(grid if grid is not None else np.geomspace(*lo_hi, 15))
     mf = matched_filter(image, weight, fwhm_px=guess_px)
     det = find_peaks(mf, threshold=20.0, valid=weight > 0, exclude_border_px=int(3 * guess_px))
     if det.x.size == 0:
@@ -131,9 +180,21 @@ def estimate_fwhm_px(
     pick = np.flatnonzero(iso)[:n_sources]
     if pick.size == 0:
         pick = np.arange(min(n_sources, det.x.size))
+    # A common stamp for every FWHM so that the chi^2 values compare like with like.
+    half_size = math.ceil(1.5 * trials.max())
+    if grid is None:
+        return fit_common_fwhm(
+            image,
+            weight,
+            x0=det.x[pick],
+            y0=det.y[pick],
+            flux0=det.flux[pick],
+            fwhm_px=guess_px,
+            half_size=half_size,
+            fwhm_range=lo_hi,
+        )
     chi2 = np.empty(trials.size)
     for k, fwhm in enumerate(trials):
-        # A common stamp for every trial so that the chi^2 values compare like with like.
         fit = fit_point_sources(
             image,
             weight,
@@ -141,7 +202,7 @@ def estimate_fwhm_px(
             y0=det.y[pick],
             flux0=det.flux[pick],
             fwhm_px=float(fwhm),
-            half_size=math.ceil(1.5 * trials.max()),
+            half_size=half_size,
             max_iter=10,
         )
         chi2[k] = float(np.sum(fit.chi2))
@@ -430,9 +491,10 @@ def extract_sources(
 
 
 def _default_box(fwhm_px: float, shape: tuple[int, ...]) -> int:
-    """Background cell side: 16 FWHM (>= 32 px), but at least ~4 cells across small images."""
+    """Background cell side: 16 FWHM (>= 32 px), but at least ~6 cells across small images
+    (a sky gradient under a crowded field is followed by more, smaller cells)."""
     side = max(32.0, 16.0 * fwhm_px)
-    return round(min(side, max(min(shape) / 4.0, 6.0 * fwhm_px)))
+    return round(min(side, max(min(shape) / 6.0, 4.0 * fwhm_px)))
 
 
 def _table_aperture_correction(band: mips.MipsBand | None, radius_arcsec: float) -> float | None:

@@ -1,10 +1,12 @@
 """PRF fitting: pixel-integrated Gaussian point-response model, fitted jointly to all sources.
 
-Every source has three free parameters (flux, x, y). All sources are solved in one sparse
-Gauss-Newton (Levenberg-Marquardt damped) system, so sources whose fitting stamps overlap are
-fitted simultaneously (a blend is never fitted one source at a time), while isolated sources cost
-no more than a 3x3 block each. Pixel coordinates are 0-based (numpy / astropy `origin=0`), the
-centre of pixel (i, j) being (x=j, y=i).
+Every source has three free parameters (flux, x, y). Sources whose fitting stamps share pixels
+form a group (a blend) whose parameters are solved together; the normal matrix is block diagonal
+by group, so each Gauss-Newton (Levenberg-Marquardt damped) step is a batch of small dense
+solves, one per group, batched by group size (isolated sources: one batched 3x3 solve). A blend
+is never fitted one source at a time, and every group converges (and is damped) on its own.
+Pixel coordinates are 0-based (numpy / astropy `origin=0`), the centre of pixel (i, j) being
+(x=j, y=i).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-import scipy.sparse.linalg as spla
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 from scipy.special import erf
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -96,10 +99,11 @@ def fit_point_sources(
     position (default half_size = ceil(1.5 FWHM)); the model at every fitted pixel is the sum of
     all sources, so blends are solved together. Positions may move at most `max_shift_px`
     (default 0.75 FWHM) from the start; sources that try to leave are pinned at the limit.
+    A group of sources stops iterating when its largest position change is below `tol_px`;
+    `converged` is False when some group was still moving after `max_iter` iterations.
     """
     image = np.asarray(image, dtype=float)
     weight = np.asarray(weight, dtype=float)
-    ny, nx = image.shape
     x = np.asarray(x0, dtype=float).copy()
     y = np.asarray(y0, dtype=float).copy()
     flux = np.asarray(flux0, dtype=float).copy()
@@ -112,101 +116,37 @@ def fit_point_sources(
         return PrfFit(empty, empty, empty, empty, empty, empty, empty, empty.astype(int),
                       empty.astype(int), empty.astype(int), True, image.copy())
 
-    # Stamp geometry is fixed for the whole fit: the sparsity pattern never changes.
-    off = np.arange(-h, h + 1)
-    size = off.size
     cx = np.round(x).astype(np.int64)
     cy = np.round(y).astype(np.int64)
-    px = cx[:, None] + off[None, :]  # (n, size)
-    py = cy[:, None] + off[None, :]
-    inx = (px >= 0) & (px < nx)
-    iny = (py >= 0) & (py < ny)
-    pxc = np.clip(px, 0, nx - 1)
-    pyc = np.clip(py, 0, ny - 1)
-    flat = (pyc[:, :, None] * nx + pxc[:, None, :]).reshape(n, -1)  # (n, size*size)
-    inside = (iny[:, :, None] & inx[:, None, :]).reshape(n, -1)
-    uniq, row = np.unique(flat, return_inverse=True)
-    row = row.reshape(n, -1)
-    data_u = image.ravel()[uniq]
-    w_u = weight.ravel()[uniq]
-    # Pixels outside the image were clipped onto the edge: give them no weight in their stamp.
-    w_st = np.where(inside, w_u[row], 0.0)
-    npix_u = uniq.size
-    cols = np.arange(3 * n).reshape(n, 3)
-    j_rows = np.repeat(row.ravel(), 3)
-    j_cols = np.broadcast_to(cols[:, None, :], (n, size * size, 3)).ravel()
-    # The total model at a pixel must only count pixels that are genuinely inside stamps.
-    inside_f = inside.astype(float)
-
-    def model_terms(
-        xs: np.ndarray, ys: np.ndarray, fs: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        gx, dgx = pixel_integrated_gaussian_1d(px - xs[:, None], sigma)
-        gy, dgy = pixel_integrated_gaussian_1d(py - ys[:, None], sigma)
-        prof = (gy[:, :, None] * gx[:, None, :]).reshape(n, -1)
-        dprof_dx = (gy[:, :, None] * dgx[:, None, :]).reshape(n, -1)
-        dprof_dy = (dgy[:, :, None] * gx[:, None, :]).reshape(n, -1)
-        m = fs[:, None] * prof * inside_f
-        total = np.bincount(row.ravel(), weights=m.ravel(), minlength=npix_u)
-        return prof * inside_f, dprof_dx * inside_f, dprof_dy * inside_f, total
-
-    def chi2_of(total: np.ndarray) -> float:
-        r = data_u - total
-        return float(np.sum(w_u * r * r))
-
-    lam = 1e-3
-    converged = False
-    prof, dpx, dpy, total = model_terms(x, y, flux)
-    chi2_now = chi2_of(total)
-    for _ in range(max_iter):
-        jac = np.stack([prof, flux[:, None] * dpx, flux[:, None] * dpy], axis=-1)
-        jmat = sp.csr_matrix((jac.ravel(), (j_rows, j_cols)), shape=(npix_u, 3 * n))
-        wj = sp.diags(w_u) @ jmat
-        hess = (jmat.T @ wj).tocsc()
-        grad = wj.T @ (data_u - total)
-        diag = hess.diagonal()
-        diag_safe = np.where(diag > 0, diag, 1.0)
-        accepted = False
-        for _try in range(6):
-            damped = hess + sp.diags(lam * diag_safe + (diag <= 0) * 1.0)
-            step = spla.spsolve(damped.tocsc(), grad)
-            step = step.reshape(n, 3)
-            dxy = step[:, 1:]
-            # Trust region in position: a Gauss-Newton step far outside the PSF core is noise.
-            big = np.max(np.abs(dxy), axis=1)
-            scale = np.where(big > 0.5, 0.5 / np.maximum(big, 1e-12), 1.0)
-            fn = flux + step[:, 0]
-            xn = x + dxy[:, 0] * scale
-            yn = y + dxy[:, 1] * scale
-            xn = x0 + np.clip(xn - x0, -shift_max, shift_max)
-            yn = y0 + np.clip(yn - y0, -shift_max, shift_max)
-            pn, dxn, dyn, tn = model_terms(xn, yn, fn)
-            c = chi2_of(tn)
-            if c <= chi2_now * (1 + 1e-12):
-                accepted = True
-                moved = float(np.max(np.hypot(xn - x, yn - y)))
-                x, y, flux = xn, yn, fn
-                prof, dpx, dpy, total, chi2_now = pn, dxn, dyn, tn, c
-                lam = max(lam / 10.0, 1e-7)
-                break
-            lam *= 10.0
-        if not accepted or moved < tol_px:
-            converged = True
-            break
+    st = _Stamps(image, weight, cx, cy, h)
+    xs0, ys0 = x.copy(), y.copy()
+    lam = np.full(n, 1e-3)  # Levenberg-Marquardt damping, per source (equal within a group)
+    todo = np.arange(n)  # sources of the groups still iterating
+    sub = st
+    iters = 0
+    while todo.size and iters < max_iter:
+        if todo.size < n:
+            # Groups share no weighted pixel: the still-moving ones are a problem of their own.
+            sub = st.subset(todo)
+        moving, k = _iterate_groups(
+            sub, x, y, flux, lam, todo, xs0=xs0, ys0=ys0, sigma=sigma, shift_max=shift_max,
+            tol_px=tol_px, max_iter=max_iter - iters,
+        )
+        iters += k
+        todo = todo[moving]
+    prof, dpx, dpy = st.profiles(x, y, sigma)
+    total = st.total(flux, prof)
 
     # Covariance from the undamped normal matrix at the solution.
-    jac = np.stack([prof, flux[:, None] * dpx, flux[:, None] * dpy], axis=-1)
-    jmat = sp.csr_matrix((jac.ravel(), (j_rows, j_cols)), shape=(npix_u, 3 * n))
-    hess = (jmat.T @ (sp.diags(w_u) @ jmat)).tocsc()
-    group = _coupling_groups(hess, n)
-    var = _block_inverse_diagonal(hess, group)
+    hd, hp, _ = st.normal_equations((prof, flux[:, None] * dpx, flux[:, None] * dpy), None)
+    var = _Blocks(st.group, st.pair_i, st.pair_j).inverse_diagonal(hd, hp)
 
-    resid_u = data_u - total
-    chi2_st = np.sum(w_st * resid_u[row] ** 2, axis=1)
-    npix = np.sum(w_st > 0, axis=1)
+    resid_u = st.data_u - total
+    chi2_st = np.sum(st.w_st * resid_u[st.row] ** 2, axis=1)
+    npix = np.sum(st.w_st > 0, axis=1)
     residual = image.copy()
-    residual.ravel()[uniq] = resid_u
-    counts = np.bincount(group)
+    residual.ravel()[st.uniq] = resid_u
+    counts = np.bincount(st.group)
     return PrfFit(
         flux=flux,
         x=x,
@@ -216,49 +156,423 @@ def fit_point_sources(
         y_err=np.sqrt(var[:, 2]),
         chi2=chi2_st,
         npix=npix,
-        group=group,
-        n_in_group=counts[group],
-        converged=converged,
+        group=st.group,
+        n_in_group=counts[st.group],
+        converged=todo.size == 0,
         residual=residual,
     )
 
 
-def _coupling_groups(hess: sp.csc_matrix, n: int) -> np.ndarray:
-    """Sources coupled in the normal matrix (they share fitted pixels): the fit's blends."""
-    from scipy.sparse.csgraph import connected_components
+def _iterate_groups(
+    st: _Stamps,
+    x: np.ndarray,
+    y: np.ndarray,
+    flux: np.ndarray,
+    lam: np.ndarray,
+    src: np.ndarray,
+    *,
+    xs0: np.ndarray,
+    ys0: np.ndarray,
+    sigma: float,
+    shift_max: float,
+    tol_px: float,
+    max_iter: int,
+) -> tuple[np.ndarray, int]:
+    """Levenberg-Marquardt iterations of the sources `src` (whose stamps `st` describes), every
+    group damped, accepted and stopped on its own; updates x, y, flux and lam in place.
 
-    coo = hess.tocoo()
-    src = sp.coo_matrix(
-        (np.ones(coo.nnz), (coo.row // 3, coo.col // 3)), shape=(n, n)
-    ).tocsr()
-    _, labels = connected_components(src, directed=False)
-    return labels.astype(np.int64)
-
-
-def _block_inverse_diagonal(hess: sp.csc_matrix, group: np.ndarray) -> np.ndarray:
-    """Diagonal of the inverse of the block-structured normal matrix, shape (n, 3).
-
-    The matrix is block diagonal by coupling group, so every group is inverted on its own:
-    isolated sources as one batched 3x3 inverse, blends batched by group size.
+    Returns after `max_iter` iterations, or when all groups have stopped, or when fewer than
+    half of the groups still move (the caller then continues on those alone, which is
+    cheaper). Returns the mask of `src` still moving and the number of iterations done.
     """
-    n = group.size
-    csr = hess.tocsr()
-    out = np.full((n, 3), np.inf)
-    sizes = np.bincount(group)
-    order = np.argsort(group, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    for g in np.unique(sizes):
-        gids = np.flatnonzero(sizes == g)
-        # members[k] = the g sources of the k-th group of this size
-        members = order[starts[gids][:, None] + np.arange(g)[None, :]]
-        params = (3 * members[:, :, None] + np.arange(3)[None, None, :]).reshape(len(gids), -1)
-        rr = np.repeat(params, 3 * g, axis=1).ravel()
-        cc = np.tile(params, (1, 3 * g)).ravel()
-        blocks = np.asarray(csr[rr, cc]).reshape(len(gids), 3 * g, 3 * g)
-        ok = np.all(np.diagonal(blocks, axis1=1, axis2=2) > 0, axis=1)
-        inv = np.full_like(blocks, np.inf)
-        if np.any(ok):
-            inv[ok] = np.linalg.inv(blocks[ok])
-        d = np.diagonal(inv, axis1=1, axis2=2).reshape(len(gids), g, 3)
-        out[members.ravel()] = d.reshape(-1, 3)
-    return np.where(np.isfinite(out), np.maximum(out, 0.0), np.inf)
+    ng = st.n_groups
+    blocks = _Blocks(st.group, st.pair_i, st.pair_j)
+    xs, ys, fs = x[src], y[src], flux[src]
+    x0s, y0s = xs0[src], ys0[src]
+    lam_g = np.zeros(ng)
+    lam_g[st.group] = lam[src]
+    prof, dpx, dpy = st.profiles(xs, ys, sigma)
+    total = st.total(fs, prof)
+    chi2_g = st.group_chi2(total)
+    active = np.ones(ng, dtype=bool)
+    k = 0
+    while k < max_iter:
+        k += 1
+        jac = (prof, fs[:, None] * dpx, fs[:, None] * dpy)
+        hd, hp, grad = st.normal_equations(jac, st.data_u - total)
+        diag = np.diagonal(hd, axis1=1, axis2=2)
+        diag_safe = np.where(diag > 0, diag, 1.0)
+        pending = active.copy()
+        moved = np.zeros(ng)
+        for _try in range(6):
+            # Only the pending groups' steps are used; the others' are solved and discarded.
+            extra = lam_g[st.group, None] * diag_safe + (diag <= 0) * 1.0
+            step = blocks.solve(hd, hp, extra, grad[:, :, None])[:, :, 0]
+            xn, yn, fn = _trial(xs, ys, fs, step, pending[st.group], x0s, y0s, shift_max)
+            pn, dxn, dyn = st.profiles(xn, yn, sigma)
+            cn = st.group_chi2(st.total(fn, pn))
+            ok = pending & (cn <= chi2_g * (1 + 1e-12))
+            if np.any(ok):
+                acc = ok[st.group]
+                np.maximum.at(moved, st.group[acc], np.hypot(xn - xs, yn - ys)[acc])
+                xs, ys, fs = np.where(acc, xn, xs), np.where(acc, yn, ys), np.where(acc, fn, fs)
+                a2 = acc[:, None]
+                prof = np.where(a2, pn, prof)
+                dpx, dpy = np.where(a2, dxn, dpx), np.where(a2, dyn, dpy)
+                total = st.total(fs, prof)
+                chi2_g = np.where(ok, cn, chi2_g)
+                lam_g = np.where(ok, np.maximum(lam_g / 10.0, 1e-7), lam_g)
+                pending &= ~ok
+            lam_g = np.where(pending, lam_g * 10.0, lam_g)
+            if not np.any(pending):
+                break
+        # A group is done when no damping lowers its chi^2 or when it stopped moving.
+        active &= ~(pending | (moved < tol_px))
+        if 2 * np.count_nonzero(active) < ng:
+            break
+    x[src], y[src], flux[src], lam[src] = xs, ys, fs, lam_g[st.group]
+    return active[st.group], k
+
+
+def fit_common_fwhm(
+    image: np.ndarray,
+    weight: np.ndarray,
+    *,
+    x0: np.ndarray,
+    y0: np.ndarray,
+    flux0: np.ndarray,
+    fwhm_px: float,
+    half_size: int,
+    fwhm_range: tuple[float, float] = (0.0, math.inf),
+    max_iter: int = 30,
+    tol: float = 1e-4,
+) -> float:
+    """FWHM (pixels) of the pixel-integrated Gaussian PRF that best fits all given sources.
+
+    Flux and position of every source and one FWHM common to all are fitted together
+    (Levenberg-Marquardt; the FWHM is eliminated from the block-diagonal source system by a
+    Schur complement), i.e. the FWHM minimising the total chi^2, the sources refitted at each.
+    `fwhm_px` is the start value, `fwhm_range` bounds the result; positions may move at most
+    0.75 start FWHM. Stops when the relative FWHM change is below `tol`.
+    """
+    image = np.asarray(image, dtype=float)
+    weight = np.asarray(weight, dtype=float)
+    x = np.asarray(x0, dtype=float).copy()
+    y = np.asarray(y0, dtype=float).copy()
+    flux = np.asarray(flux0, dtype=float).copy()
+    xs0, ys0 = x.copy(), y.copy()
+    s_lo, s_hi = (sigma_from_fwhm(v) for v in fwhm_range)
+    s = float(np.clip(sigma_from_fwhm(fwhm_px), s_lo, s_hi))
+    shift_max = 0.75 * fwhm_px
+    st = _Stamps(image, weight, np.round(x).astype(np.int64), np.round(y).astype(np.int64),
+                 int(half_size))
+    blocks = _Blocks(st.group, st.pair_i, st.pair_j)
+    every = np.ones(x.size, dtype=bool)
+
+    def state(xs: np.ndarray, ys: np.ndarray, fs: np.ndarray, ss: float) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float
+    ]:
+        p, dx, dy, ds = st.profiles(xs, ys, ss, with_sigma=True)
+        t = st.total(fs, p)
+        r = st.data_u - t
+        return p, dx, dy, ds, t, float(np.sum(st.w_u * r * r))
+
+    prof, dpx, dpy, dps, total, chi2 = state(x, y, flux, s)
+    lam = 1e-3
+    for _ in range(max_iter):
+        jac = (prof, flux[:, None] * dpx, flux[:, None] * dpy)
+        resid = st.data_u - total
+        hd, hp, grad = st.normal_equations(jac, resid)
+        js_u = st.total(flux, dps)  # d model / d sigma at every pixel (all sources)
+        wjs = st.w_st * js_u[st.row]
+        couple = np.stack([np.einsum("ns,ns->n", c, wjs) for c in jac], axis=-1)
+        d_ss = float(np.sum(st.w_u * js_u * js_u))
+        g_s = float(np.sum(st.w_u * js_u * resid))
+        diag = np.diagonal(hd, axis1=1, axis2=2)
+        diag_safe = np.where(diag > 0, diag, 1.0)
+        accepted = False
+        ds = 0.0
+        for _try in range(8):
+            extra = lam * diag_safe + (diag <= 0) * 1.0
+            sol = blocks.solve(hd, hp, extra, np.stack([grad, couple], axis=-1))
+            schur = d_ss * (1.0 + lam) - float(np.sum(couple * sol[:, :, 1]))
+            ds = (g_s - float(np.sum(couple * sol[:, :, 0]))) / max(schur, 1e-300)
+            ds = float(np.clip(ds, -0.2 * s, 0.2 * s))
+            step = sol[:, :, 0] - sol[:, :, 1] * ds
+            sn = float(np.clip(s + ds, s_lo, s_hi))
+            xn, yn, fn = _trial(x, y, flux, step, every, xs0, ys0, shift_max)
+            trial = state(xn, yn, fn, sn)
+            if trial[-1] <= chi2 * (1 + 1e-12):
+                accepted = True
+                ds = sn - s
+                x, y, flux, s = xn, yn, fn, sn
+                prof, dpx, dpy, dps, total, chi2 = trial
+                lam = max(lam / 10.0, 1e-7)
+                break
+            lam *= 10.0
+        if not accepted or abs(ds) < tol * s:
+            break
+    return s * FWHM_PER_SIGMA
+
+
+def _trial(
+    x: np.ndarray,
+    y: np.ndarray,
+    flux: np.ndarray,
+    step: np.ndarray,
+    use: np.ndarray,
+    x0: np.ndarray,
+    y0: np.ndarray,
+    shift_max: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Trial parameters after a (flux, x, y) step for the sources flagged `use`."""
+    dxy = step[:, 1:]
+    # Trust region in position: a Gauss-Newton step far outside the PSF core is noise.
+    big = np.max(np.abs(dxy), axis=1)
+    scale = np.where(big > 0.5, 0.5 / np.maximum(big, 1e-12), 1.0)
+    fn = flux + step[:, 0]
+    xn = x0 + np.clip(x + dxy[:, 0] * scale - x0, -shift_max, shift_max)
+    yn = y0 + np.clip(y + dxy[:, 1] * scale - y0, -shift_max, shift_max)
+    return np.where(use, xn, x), np.where(use, yn, y), np.where(use, fn, flux)
+
+
+class _Stamps:
+    """Fixed fitting geometry: every source's stamp, the unique pixels they cover, and the
+    pairs of sources whose stamps share weighted pixels (with the shared pixels)."""
+
+    def __init__(
+        self, image: np.ndarray, weight: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int
+    ) -> None:
+        """Stamps of half-size `h` centred on the integer pixels (cx, cy)."""
+        ny, nx = image.shape
+        n = cx.size
+        off = np.arange(-h, h + 1)
+        size = off.size
+        self.px = cx[:, None] + off[None, :]  # (n, size)
+        self.py = cy[:, None] + off[None, :]
+        inx = (self.px >= 0) & (self.px < nx)
+        iny = (self.py >= 0) & (self.py < ny)
+        pxc = np.clip(self.px, 0, nx - 1)
+        pyc = np.clip(self.py, 0, ny - 1)
+        flat = (pyc[:, :, None] * nx + pxc[:, None, :]).reshape(n, -1)  # (n, size*size)
+        inside = (iny[:, :, None] & inx[:, None, :]).reshape(n, -1)
+        # The distinct pixels of all stamps, and each stamp pixel's index among them (a lookup
+        # image instead of a sort, unless the stamps cover a small part of the image).
+        if 16 * flat.size < ny * nx:
+            self.uniq, row = np.unique(flat, return_inverse=True)
+            self.row = row.reshape(n, -1)
+        else:
+            seen = np.zeros(ny * nx, dtype=bool)
+            seen[flat] = True
+            self.uniq = np.flatnonzero(seen)
+            lookup = np.empty(ny * nx, dtype=np.int64)
+            lookup[self.uniq] = np.arange(self.uniq.size)
+            self.row = lookup[flat]
+        self.row_flat = self.row.ravel()
+        self.n_u = self.uniq.size
+        self.data_u = image.ravel()[self.uniq]
+        self.w_u = weight.ravel()[self.uniq]
+        # Pixels outside the image were clipped onto the edge: no weight and no model there.
+        self.inside_f = inside.astype(float)
+        self.w_st = np.where(inside, self.w_u[self.row], 0.0)
+
+        # Pairs of stamps sharing a weighted pixel: stamps are equal squares on integer
+        # centres, so stamp i's pixel (a, b) is stamp j's pixel (a - dcy, b - dcx).
+        if n > 1:
+            cand = cKDTree(np.column_stack([cx, cy])).query_pairs(
+                2 * h + 0.5, p=np.inf, output_type="ndarray"
+            )
+        else:
+            cand = np.zeros((0, 2), dtype=np.int64)
+        ci, cj = cand[:, 0].astype(np.int64), cand[:, 1].astype(np.int64)
+        s_idx = np.arange(size * size)
+        aj = (s_idx // size)[None, :] - (cy[cj] - cy[ci])[:, None]
+        bj = (s_idx % size)[None, :] - (cx[cj] - cx[ci])[:, None]
+        shared = (aj >= 0) & (aj < size) & (bj >= 0) & (bj < size) & (self.w_st[ci] > 0)
+        pk, sk = np.nonzero(shared)  # pair-major: entries of one pair are contiguous
+        has = np.bincount(pk, minlength=ci.size) > 0
+        new_id = np.cumsum(has) - 1
+        self.pair_i, self.pair_j = ci[has], cj[has]
+        self.e_pair = new_id[pk]
+        self.e_si = sk
+        self.e_sj = (aj * size + bj)[pk, sk]
+        self.e_fi = self.pair_i[self.e_pair] * size * size + self.e_si
+        self.e_fj = self.pair_j[self.e_pair] * size * size + self.e_sj
+        self.e_start = np.flatnonzero(np.r_[True, np.diff(self.e_pair) != 0]) if pk.size else pk
+        graph = sp.coo_matrix(
+            (np.ones(self.pair_i.size), (self.pair_i, self.pair_j)), shape=(n, n)
+        )
+        _, labels = connected_components(graph, directed=False)
+        self.group = labels.astype(np.int64)
+        # Group owning each weighted pixel (unweighted pixels add nothing to any chi^2).
+        self.pixel_group = np.zeros(self.n_u, dtype=np.int64)
+        wpos = self.w_st > 0
+        self.pixel_group[self.row[wpos]] = np.broadcast_to(self.group[:, None], wpos.shape)[wpos]
+        self.n_groups = int(self.group.max()) + 1
+
+    def subset(self, src: np.ndarray) -> _Stamps:
+        """The stamps of the sources `src` (whole groups), sharing this geometry's pixels."""
+        out = object.__new__(_Stamps)
+        pos = np.full(self.px.shape[0], -1, dtype=np.int64)
+        pos[src] = np.arange(src.size)
+        for name in ("px", "py", "row", "inside_f", "w_st"):
+            setattr(out, name, getattr(self, name)[src])
+        out.row_flat = out.row.ravel()
+        out.uniq, out.n_u, out.data_u, out.w_u = self.uniq, self.n_u, self.data_u, self.w_u
+        keep = pos[self.pair_i] >= 0  # groups are whole: both members of a pair, or neither
+        out.pair_i, out.pair_j = pos[self.pair_i[keep]], pos[self.pair_j[keep]]
+        new_id = np.cumsum(keep) - 1
+        ek = keep[self.e_pair]
+        out.e_pair = new_id[self.e_pair[ek]]
+        s2 = self.px.shape[1] ** 2
+        out.e_si, out.e_sj = self.e_si[ek], self.e_sj[ek]
+        out.e_fi = out.pair_i[out.e_pair] * s2 + out.e_si
+        out.e_fj = out.pair_j[out.e_pair] * s2 + out.e_sj
+        out.e_start = (np.flatnonzero(np.r_[True, np.diff(out.e_pair) != 0])
+                       if out.e_pair.size else out.e_pair)
+        labels, out.group = np.unique(self.group[src], return_inverse=True)
+        out.n_groups = labels.size
+        # Pixels of the other groups go to an extra group that no chi^2 reads.
+        gmap = np.full(self.n_groups, out.n_groups, dtype=np.int64)
+        gmap[labels] = np.arange(labels.size)
+        out.pixel_group = gmap[self.pixel_group]
+        return out
+
+    def profiles(
+        self, xs: np.ndarray, ys: np.ndarray, sigma: float, *, with_sigma: bool = False
+    ) -> tuple[np.ndarray, ...]:
+        """Unit-flux PRF on every stamp pixel and its derivatives in x and y (and sigma)."""
+        n = xs.size
+        gx, dgx = pixel_integrated_gaussian_1d(self.px - xs[:, None], sigma)
+        gy, dgy = pixel_integrated_gaussian_1d(self.py - ys[:, None], sigma)
+        m = self.inside_f
+        prof = (gy[:, :, None] * gx[:, None, :]).reshape(n, -1) * m
+        dprof_dx = (gy[:, :, None] * dgx[:, None, :]).reshape(n, -1) * m
+        dprof_dy = (dgy[:, :, None] * gx[:, None, :]).reshape(n, -1) * m
+        if not with_sigma:
+            return prof, dprof_dx, dprof_dy
+        sx = _gaussian_1d_dsigma(self.px - xs[:, None], sigma)
+        sy = _gaussian_1d_dsigma(self.py - ys[:, None], sigma)
+        dprof_ds = (sy[:, :, None] * gx[:, None, :] + gy[:, :, None] * sx[:, None, :])
+        return prof, dprof_dx, dprof_dy, dprof_ds.reshape(n, -1) * m
+
+    def total(self, flux: np.ndarray, prof: np.ndarray) -> np.ndarray:
+        """Sum over sources of flux x profile at every unique pixel."""
+        return np.bincount(self.row_flat, weights=(flux[:, None] * prof).ravel(),
+                           minlength=self.n_u)
+
+    def group_chi2(self, total: np.ndarray) -> np.ndarray:
+        """Weighted squared residual summed over each group's pixels."""
+        r = self.data_u - total
+        chi2 = np.bincount(self.pixel_group, weights=self.w_u * r * r,
+                           minlength=self.n_groups + 1)
+        return chi2[: self.n_groups]
+
+    def normal_equations(
+        self, jac: tuple[np.ndarray, np.ndarray, np.ndarray], resid_u: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """J^T W J as per-source 3x3 blocks (n, 3, 3) and per-pair blocks (pairs, 3, 3), and
+        the gradient J^T W r (n, 3) (zeros when `resid_u` is None). `jac` holds the model's
+        derivatives in flux, x and y on every stamp pixel, three (n, stamp pixels) arrays."""
+        n = jac[0].shape[0]
+        jw = [c * self.w_st for c in jac]
+        hd = np.empty((n, 3, 3))
+        for a in range(3):
+            for b in range(a, 3):
+                hd[:, a, b] = hd[:, b, a] = np.einsum("ns,ns->n", jw[a], jac[b])
+        if self.e_pair.size:
+            ja = [np.take(c, self.e_fi) for c in jw]
+            jb = [np.take(c, self.e_fj) for c in jac]
+            prods = np.stack([u * v for u in ja for v in jb], axis=-1)
+            hp = np.add.reduceat(prods, self.e_start, axis=0).reshape(-1, 3, 3)
+        else:
+            hp = np.zeros((0, 3, 3))
+        grad = np.zeros((n, 3))
+        if resid_u is not None:
+            r_st = resid_u[self.row]
+            for a in range(3):
+                grad[:, a] = np.einsum("ns,ns->n", jw[a], r_st)
+        return hd, hp, grad
+
+
+class _Blocks:
+    """The block-diagonal normal matrix, one dense block per group of sources, solved and
+    inverted batched by group size."""
+
+    def __init__(self, group: np.ndarray, pair_i: np.ndarray, pair_j: np.ndarray) -> None:
+        n = group.size
+        sizes = np.bincount(group)
+        self.n_groups = sizes.size
+        order = np.argsort(group, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        loc = np.empty(n, dtype=np.int64)
+        loc[order] = np.arange(n) - starts[group[order]]
+        slot = np.empty(sizes.size, dtype=np.int64)  # a group's index within its size class
+        k3 = np.arange(3)
+        pair_size = sizes[group[pair_i]]
+        self.classes = []
+        for g in np.unique(sizes):
+            gids = np.flatnonzero(sizes == g)
+            slot[gids] = np.arange(gids.size)
+            members = order[starts[gids][:, None] + np.arange(g)[None, :]]  # (ng, g)
+            mem = members.ravel()
+            b_src = slot[group[mem]]
+            r_src = 3 * loc[mem][:, None] + k3[None, :]  # (m, 3) parameter rows
+            pp = np.flatnonzero(pair_size == g)
+            b_pair = slot[group[pair_i[pp]]]
+            r_i = 3 * loc[pair_i[pp]][:, None] + k3[None, :]
+            r_j = 3 * loc[pair_j[pp]][:, None] + k3[None, :]
+            self.classes.append((int(g), gids.size, members, mem, b_src, r_src, pp, b_pair, r_i,
+                                 r_j))
+
+    def _matrices(self, cls: tuple, hd: np.ndarray, hp: np.ndarray,
+                  extra: np.ndarray | None) -> np.ndarray:
+        g, ng, _, mem, b_src, r_src, pp, b_pair, r_i, r_j = cls
+        m = np.zeros((ng, 3 * g, 3 * g))
+        m[b_src[:, None, None], r_src[:, :, None], r_src[:, None, :]] = hd[mem]
+        if extra is not None:
+            m[b_src[:, None], r_src, r_src] += extra[mem]
+        if pp.size:
+            m[b_pair[:, None, None], r_i[:, :, None], r_j[:, None, :]] = hp[pp]
+            m[b_pair[:, None, None], r_j[:, :, None], r_i[:, None, :]] = hp[pp].transpose(0, 2, 1)
+        return m
+
+    def solve(self, hd: np.ndarray, hp: np.ndarray, extra: np.ndarray,
+              rhs: np.ndarray) -> np.ndarray:
+        """Solve (H + diag(extra)) s = rhs, rhs of shape (n, 3, k); returns (n, 3, k)."""
+        k = rhs.shape[2]
+        out = np.empty_like(rhs)
+        for cls in self.classes:
+            g, ng, members, mem = cls[:4]
+            m = self._matrices(cls, hd, hp, extra)
+            b = rhs[members].reshape(ng, 3 * g, k)
+            try:
+                sol = np.linalg.solve(m, b)
+            except np.linalg.LinAlgError:
+                sol = np.linalg.pinv(m) @ b
+            out[mem] = sol.reshape(ng * g, 3, k)
+        return out
+
+    def inverse_diagonal(self, hd: np.ndarray, hp: np.ndarray) -> np.ndarray:
+        """Diagonal of the inverse normal matrix, (n, 3); inf for sources without data."""
+        out = np.full((hd.shape[0], 3), np.inf)
+        for cls in self.classes:
+            g, ng, _, mem = cls[:4]
+            m = self._matrices(cls, hd, hp, None)
+            ok = np.all(np.diagonal(m, axis1=1, axis2=2) > 0, axis=1)
+            inv = np.full_like(m, np.inf)
+            if np.any(ok):
+                try:
+                    inv[ok] = np.linalg.inv(m[ok])
+                except np.linalg.LinAlgError:
+                    inv[ok] = np.linalg.pinv(m[ok])
+            out[mem] = np.diagonal(inv, axis1=1, axis2=2).reshape(ng * g, 3)
+        return np.where(np.isfinite(out), np.maximum(out, 0.0), np.inf)
+
+
+def _gaussian_1d_dsigma(offset_px: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Derivative of `pixel_integrated_gaussian_1d`'s value with respect to sigma."""
+    s = _SQRT2 * sigma_px
+    hi = (offset_px + 0.5) / s
+    lo = (offset_px - 0.5) / s
+    return (lo * np.exp(-(lo * lo)) - hi * np.exp(-(hi * hi))) / (math.sqrt(math.pi) * sigma_px)
