@@ -223,8 +223,10 @@ def bandmerge(
         undetected = np.flatnonzero(~det)
         frames = frames_by_band.get(b, ())
         if undetected.size and len(frames):
+            # every merged position (detected in any band) is a prior for the joint fit
             ul = forced_upper_limits(ra_m[undetected], dec_m[undetected], frames,
-                                     fwhm_arcsec=fwhm[b], nsigma=nsigma, fatal_bits=fatal_bits)
+                                     fwhm_arcsec=fwhm[b], nsigma=nsigma, fatal_bits=fatal_bits,
+                                     neighbours=(ra_m[det], dec_m[det]))
             got = np.asarray(ul["n_frames"]) > 0
             sel = undetected[got]
             flux[sel] = np.asarray(ul["flux"])[got]

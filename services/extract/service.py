@@ -27,7 +27,10 @@ class ExtractConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Extract parameters (env SKYBUS_EXTRACT_<FIELD>, or --set field=value)."""
 
     detect_sigma: float = 5.0  #: detection threshold, sigma of the matched-filter map
-    upper_limit_sigma: float = 3.0  #: n-sigma of band-merged upper limits
+    #: band-merged upper limits are max(forced flux, 0) + this x its sigma (one-sided 99.4%
+    #: confidence for 2.5): the undetected sources of a deep field carry 1-5 sigma of real
+    #: flux, measured by the forced fit, so a further 3 sigma would make limits ~2x the noise
+    upper_limit_sigma: float = 2.5
 
 
 def band_name(instrument: str, channel: int) -> str:

@@ -44,10 +44,16 @@ def forced_upper_limits(
     nsigma: float = 3.0,
     fatal_bits: int = mips.FATAL_BITS,
     fit_background: bool = True,
-    half_size_fwhm: float = 1.5,
+    half_size_fwhm: float = 2.5,
     min_psf_fraction: float = 0.6,
+    neighbours: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Table:
     """Forced PSF-weighted photometry at (ra, dec) (degrees) on every BCD frame covering it.
+
+    `neighbours` (ra, dec in degrees: e.g. every position detected in any band) are fitted
+    jointly with the targets in each frame, so that a confused neighbour's light is not taken
+    for the target's or for the local sky (prior-based deblending, as 70 um photometry on 24 um
+    positions does). Without it each target is fitted alone.
 
     In each frame the pixel-integrated Gaussian PSF of `fwhm_arcsec` is placed at the position
     (full TAN-SIP WCS) and its amplitude fitted by weighted least squares (weights 1/unc^2,
@@ -73,7 +79,23 @@ def forced_upper_limits(
     sum_w = np.zeros(n)
     sum_wf = np.zeros(n)
     n_used = np.zeros(n, dtype=np.int32)
+    if neighbours is not None:
+        # Neighbours closer than FWHM/3 to a target are the target itself (or unresolvable).
+        nra, ndec = (np.atleast_1d(np.asarray(v, dtype=float)) for v in neighbours)
+        if nra.size and n:
+            cosd = np.cos(np.radians(dec_a))[None, :]
+            sep = np.hypot((nra[:, None] - ra_a[None, :]) * cosd,
+                           ndec[:, None] - dec_a[None, :]) * 3600.0
+            keep = sep.min(axis=1) > fwhm_arcsec / 3.0
+            nra, ndec = nra[keep], ndec[keep]
+        ra_fit, dec_fit = np.concatenate([ra_a, nra]), np.concatenate([dec_a, ndec])
     for frame in frames:
+        if neighbours is not None:
+            _accumulate_frame_joint(frame, ra_fit, dec_fit, n, sum_w, sum_wf, n_used,
+                                    fwhm_arcsec=fwhm_arcsec, fatal_bits=fatal_bits,
+                                    half_size_fwhm=half_size_fwhm,
+                                    min_psf_fraction=min_psf_fraction)
+            continue
         _accumulate_frame(frame, ra_a, dec_a, sum_w, sum_wf, n_used, fwhm_arcsec=fwhm_arcsec,
                           fatal_bits=fatal_bits, fit_background=fit_background,
                           half_size_fwhm=half_size_fwhm, min_psf_fraction=min_psf_fraction)
@@ -176,4 +198,86 @@ def _accumulate_frame(
     sel = idx[covered]
     np.add.at(sum_w, sel, 1.0 / var[covered])
     np.add.at(sum_wf, sel, f[covered] / var[covered])
+    np.add.at(n_used, sel, 1)
+
+
+def _accumulate_frame_joint(
+    frame: BCDFrame,
+    ra: np.ndarray,
+    dec: np.ndarray,
+    n_targets: int,
+    sum_w: np.ndarray,
+    sum_wf: np.ndarray,
+    n_used: np.ndarray,
+    *,
+    fwhm_arcsec: float,
+    fatal_bits: int,
+    half_size_fwhm: float,
+    min_psf_fraction: float,
+) -> None:
+    """One frame's joint forced fit: PSF amplitudes of every source on the frame (the first
+    `n_targets` are the targets) plus a sky plane, weighted least squares over the pixels of
+    their stamps; the targets' fluxes and marginal variances are accumulated."""
+    from scipy import sparse
+
+    data = np.asarray(frame.data, dtype=float)
+    unc = np.asarray(frame.unc, dtype=float)
+    if data.shape != unc.shape or data.shape != frame.mask.shape:
+        raise UpperLimitError(
+            f"frame {frame.key or '(memory)'}: data, unc and mask shapes differ"
+        )
+    ny, nx = data.shape
+    wcs = WCS(frame.header, relax=True, naxis=2)
+    x, y = (np.asarray(v, dtype=float) for v in wcs.all_world2pix(ra, dec, 0))
+    pix_area = _frame_pixel_area_arcsec2(wcs, np.array([nx / 2.0]), np.array([ny / 2.0]))[0]
+    pix = math.sqrt(pix_area)
+    h = max(2, math.ceil(half_size_fwhm * fwhm_arcsec / pix))
+    near = np.isfinite(x) & np.isfinite(y) & (x > -h) & (x < nx - 1 + h) & (y > -h) & (
+        y < ny - 1 + h)
+    src = np.flatnonzero(near)
+    if not np.any(src < n_targets):
+        return
+    x, y = x[src], y[src]
+    sigma_px = sigma_from_fwhm(fwhm_arcsec) / pix
+    off = np.arange(-h, h + 1)
+    px = np.round(x).astype(np.int64)[:, None] + off
+    py = np.round(y).astype(np.int64)[:, None] + off
+    gx, _ = pixel_integrated_gaussian_1d(px - x[:, None], sigma_px)
+    gy, _ = pixel_integrated_gaussian_1d(py - y[:, None], sigma_px)
+    prof = gy[:, :, None] * gx[:, None, :]
+    inside = ((py >= 0) & (py < ny))[:, :, None] & ((px >= 0) & (px < nx))[:, None, :]
+    pix_index = (np.clip(py, 0, ny - 1)[:, :, None] * nx + np.clip(px, 0, nx - 1)[:, None, :])
+    good_pix = (np.isfinite(data) & np.isfinite(unc) & (unc > 0)
+                & ((frame.mask & fatal_bits) == 0)).ravel()
+    ok = inside & good_pix[pix_index]
+    k = src.size
+    rows = pix_index[ok]
+    cols = np.broadcast_to(np.arange(k)[:, None, None], prof.shape)[ok]
+    vals = prof[ok]
+    # Pixels used: the union of the stamps; the sky is one more column.
+    used, row_pos = np.unique(rows, return_inverse=True)
+    # The sky is a plane over the frame (a BCD is not sky-subtracted, and the sky slopes).
+    uy, ux = (used // nx - ny / 2.0) / ny, (used % nx - nx / 2.0) / nx
+    sky = sparse.csr_matrix(np.column_stack([np.ones(used.size), ux, uy]))
+    psfs = sparse.csr_matrix((vals, (row_pos, cols)), shape=(used.size, k))
+    design = sparse.hstack([psfs, sky], format="csr")
+    ujy = 1e12 * mips.SR_PER_ARCSEC2 * pix_area
+    d = data.ravel()[used] * ujy
+    w = 1.0 / (unc.ravel()[used] * ujy) ** 2
+    normal = (design.T @ sparse.diags(w) @ design).toarray()
+    rhs = design.T @ (w * d)
+    # A whisper of ridge keeps unresolvable (coincident) neighbours from making it singular.
+    ridge = 1e-9 * np.trace(normal) / (k + 3)
+    try:
+        cov = np.linalg.inv(normal + ridge * np.eye(k + 3))
+    except np.linalg.LinAlgError:
+        return
+    amp = cov @ rhs
+    var = np.diag(cov)[:k]
+    covered_frac = np.bincount(cols, weights=vals, minlength=k)
+    tgt = np.flatnonzero((src < n_targets) & (covered_frac >= min_psf_fraction)
+                         & np.isfinite(amp[:k]) & (var > 0))
+    sel = src[tgt]
+    np.add.at(sum_w, sel, 1.0 / var[tgt])
+    np.add.at(sum_wf, sel, amp[tgt] / var[tgt])
     np.add.at(n_used, sel, 1)
