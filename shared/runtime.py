@@ -180,6 +180,9 @@ class Service(abc.ABC):
     Config: ClassVar[type[msgspec.Struct]]
     config: msgspec.Struct
 
+    def __init__(self, config: msgspec.Struct) -> None:
+        self.config = config
+
     @abc.abstractmethod
     async def handle(self, message: Envelope, ctx: Context) -> None:
         """Process one message: read inputs, run science (`ctx.run`), `ctx.emit` products.

@@ -38,7 +38,7 @@ class CalibrateService(Service):
     config: CalibrateConfig
 
     def __init__(self, config: CalibrateConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self._cal_cache: dict[tuple[int, tuple[tuple[str, str], ...]], object] = {}
 
     async def handle(self, message: Envelope, ctx: Context) -> None:

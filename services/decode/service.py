@@ -25,9 +25,6 @@ class DecodeService(Service):
     Config = DecodeConfig
     config: DecodeConfig
 
-    def __init__(self, config: DecodeConfig) -> None:
-        self.config = config
-
     async def handle(self, message: Envelope, ctx: Context) -> None:
         if not isinstance(message, ProductRef):
             raise Skip(f"decode takes product references, not {type(message).__name__}")

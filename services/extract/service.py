@@ -44,9 +44,6 @@ class ExtractService(Service):
     Config = ExtractConfig
     config: ExtractConfig
 
-    def __init__(self, config: ExtractConfig) -> None:
-        self.config = config
-
     async def handle(self, message: Envelope, ctx: Context) -> None:
         if not isinstance(message, ProductRef):
             raise Skip(f"extract takes product references, not {type(message).__name__}")

@@ -41,9 +41,6 @@ class IngestService(Service):
     Config = IngestConfig
     config: IngestConfig
 
-    def __init__(self, config: IngestConfig) -> None:
-        self.config = config
-
     async def handle(self, message: Envelope, ctx: Context) -> None:
         if not isinstance(message, Submission):
             raise Skip(f"ingest takes submissions, not {type(message).__name__}")

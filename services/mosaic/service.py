@@ -43,9 +43,6 @@ class MosaicService(Service):
     Config = MosaicConfig
     config: MosaicConfig
 
-    def __init__(self, config: MosaicConfig) -> None:
-        self.config = config
-
     async def handle(self, message: Envelope, ctx: Context) -> None:
         if not isinstance(message, ProductRef):
             raise Skip(f"mosaic takes product references, not {type(message).__name__}")

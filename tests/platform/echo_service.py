@@ -36,7 +36,7 @@ class EchoService(Service):
         pass
 
     def __init__(self, work_s: float = 0.0) -> None:
-        self.config = self.Config()
+        super().__init__(self.Config())
         self.work_s = work_s
         self.handled = 0
 
