@@ -31,6 +31,7 @@ from nats.js.errors import (
 from nats.js.kv import KeyValue
 
 from shared import subjects
+from shared.logs import get_logger
 from shared.messages import Group
 
 DAY_S = 86400.0
@@ -38,9 +39,20 @@ DAY_S = 86400.0
 
 async def connect(url: str, *, name: str, reconnect_forever: bool = True) -> NATS:
     """Connect to NATS; services reconnect forever, command-line clients give up after ~10 s."""
+    log = get_logger(name)
+
+    async def on_error(exc: Exception) -> None:
+        # reconnects are normal during server restarts and leader elections: log, don't print
+        log.warning("nats_error", error=f"{type(exc).__name__}: {exc}")
+
+    async def on_disconnect() -> None:
+        log.info("nats_disconnected")
+
     return await nats.connect(
         url,
         name=name,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
         max_reconnect_attempts=-1 if reconnect_forever else 5,
         reconnect_time_wait=1.0,
         connect_timeout=5,

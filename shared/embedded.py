@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +37,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _detach_but_die_with_parent() -> None:
+    """In the child before exec: a session of its own (terminal signals skip it), but on Linux
+    a SIGTERM when the parent dies, so a killed `skybus` leaves no server behind."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            pr_set_pdeathsig = 1
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 class EmbeddedNats:
@@ -71,7 +84,11 @@ class EmbeddedNats:
         if self.monitor_port:
             cmd += ["-m", str(self.monitor_port)]
         log = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # Own session: a Ctrl-C in the terminal reaches the services, which drain first; the
+        # server is stopped after them (stop()), not killed under them.
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_detach_but_die_with_parent
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
