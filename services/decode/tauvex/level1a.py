@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from astropy.io import fits
+from numpy.typing import NDArray
 
 from services.decode.tauvex import validate
 from services.decode.tauvex.frames import decode_frames
@@ -38,16 +41,24 @@ def make_level1a(
     """
     ev = decode_frames(obs.frames)
     valid = validate.validity(ev.w, ev.s, ev.z, charge_window=charge_window)
+    time_s = ev.time_ms / 1000.0
+    # Keywords shared by the three products, built once (the astropy Header and Card set-up is
+    # the dominant fixed cost of a product); TELE_NUM, FILTER and NINVALID are set per telescope.
+    common = level1a_header(obs, 1)
+    common["NBADSEG"] = (ev.n_broken, "broken segments skipped (all telescopes)")
+    common["NUNTIMED"] = (ev.n_untimed, "events before the first TIME segment")
+    common["NINVALID"] = (0, "events with VALIDITY != 0")
+    common["CRT_LV1A"] = (VERSION, "version of module CRT_LV1A")
+    common["VALIDATE"] = (validate.VERSION, "version of module VALIDATE")
     out: dict[int, fits.HDUList] = {}
-    for tele in tv.TELESCOPES:
-        sel = ev.tele == tele
-        h = level1a_header(obs, tele)
-        h["NBADSEG"] = (ev.n_broken, "broken segments skipped (all telescopes)")
-        h["NUNTIMED"] = (ev.n_untimed, "events before the first TIME segment")
-        h["NINVALID"] = (int(np.count_nonzero(valid[sel])), "events with VALIDITY != 0")
-        h["CRT_LV1A"] = (VERSION, "version of module CRT_LV1A")
-        h["VALIDATE"] = (validate.VERSION, "version of module VALIDATE")
-        cols = {"W": ev.w[sel], "S": ev.s[sel], "Z": ev.z[sel], "VALIDITY": valid[sel],
-                "TIME": ev.time_ms[sel] / 1000.0}
+    for tele, telescope in tv.TELESCOPES.items():
+        sel = np.flatnonzero(ev.tele == tele)
+        v = valid[sel]
+        h = common.copy()
+        h["TELE_NUM"] = tele
+        h["FILTER"] = telescope.filter.name
+        h["NINVALID"] = int(np.count_nonzero(v))
+        cols: dict[str, NDArray[Any]] = {
+            "W": ev.w[sel], "S": ev.s[sel], "Z": ev.z[sel], "VALIDITY": v, "TIME": time_s[sel]}
         out[tele] = tv.event_table("1a", cols, h)
     return out
