@@ -25,6 +25,7 @@ class MatchedFilter:
     noise_scale: float
     den: np.ndarray  #: sum(P^2 w) at every pixel (reused to filter a residual image)
     sigma_px: float  #: Gaussian sigma of the filter
+    inv_sqrt_den: np.ndarray | None = None  #: 1 / sqrt(den), 0 where den = 0 (reused too)
 
 
 def refilter(mf: MatchedFilter, image: np.ndarray, weight: np.ndarray) -> MatchedFilter:
@@ -33,13 +34,19 @@ def refilter(mf: MatchedFilter, image: np.ndarray, weight: np.ndarray) -> Matche
     num = ndimage.gaussian_filter(np.asarray(image, dtype=float) * weight, mf.sigma_px,
                                   mode="constant", truncate=4.0)
     # snr and flux are the old ones scaled by num_new / num_old, where num_old = snr*sqrt(den).
-    inv_sqrt = np.zeros_like(mf.den)
-    np.divide(1.0, np.sqrt(mf.den), out=inv_sqrt, where=mf.den > 0)
+    inv_sqrt = mf.inv_sqrt_den if mf.inv_sqrt_den is not None else _inv_sqrt(mf.den)
     snr = num * inv_sqrt
     flux = snr * inv_sqrt
     snr /= mf.noise_scale
     return MatchedFilter(flux=flux, snr=snr, noise_scale=mf.noise_scale, den=mf.den,
-                         sigma_px=mf.sigma_px)
+                         sigma_px=mf.sigma_px, inv_sqrt_den=inv_sqrt)
+
+
+def _inv_sqrt(den: np.ndarray) -> np.ndarray:
+    """1 / sqrt(den), 0 where den <= 0."""
+    out = np.zeros_like(den)
+    np.divide(1.0, np.sqrt(den, where=den > 0, out=np.ones_like(den)), out=out, where=den > 0)
+    return out
 
 
 def matched_filter(
@@ -48,6 +55,7 @@ def matched_filter(
     *,
     fwhm_px: float,
     calibrate: bool = True,
+    calibration_step: int | None = None,
 ) -> MatchedFilter:
     """PSF-matched filter of a background-subtracted image with per-pixel weights 1/sigma^2.
 
@@ -56,7 +64,8 @@ def matched_filter(
     noise and masked pixels (w = 0) exactly. For a Gaussian PSF both sums are Gaussian filters.
     When `calibrate`, the S/N map is rescaled so that its robust RMS over pixels away from
     >5 sigma sources is 1: this calibrates the uncertainty map against the actual background noise
-    (e.g. correlated noise in a resampled mosaic).
+    (e.g. correlated noise in a resampled mosaic). `calibration_step`: the statistics use every
+    n-th pixel per axis (default 3 above 250,000 pixels, else 1).
     """
     # Pixel integration broadens the PSF by a 1-pixel box (variance 1/12 px^2).
     sigma = math.sqrt(sigma_from_fwhm(fwhm_px) ** 2 + 1.0 / 12.0)
@@ -65,13 +74,13 @@ def matched_filter(
     den = ndimage.gaussian_filter(np.asarray(weight, dtype=float), sigma / math.sqrt(2.0),
                                   mode="constant", truncate=4.0)
     den = den / (4.0 * math.pi * sigma * sigma)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        flux = np.where(den > 0, num / den, 0.0)
-        snr = np.where(den > 0, num / np.sqrt(den), 0.0)
+    inv_sqrt = _inv_sqrt(den)
+    snr = num * inv_sqrt
+    flux = snr * inv_sqrt
     scale = 1.0
     if calibrate:
         # Statistics on every 3rd pixel per axis: plenty of pixels, a ninth of the cost.
-        step = 3 if snr.size > 250_000 else 1
+        step = calibration_step or (3 if snr.size > 250_000 else 1)
         snr_s = snr[::step, ::step]
         valid = (weight[::step, ::step] > 0) & (den[::step, ::step] > 0)
         # Exclude the footprints of real sources (>5 sigma, grown by 2 FWHM); the few faint
@@ -92,7 +101,8 @@ def matched_filter(
         if est > 0:
             # Only a modest rescaling is believable: a large factor means a wrong unc map.
             scale = float(np.clip(est, 0.2, 5.0))
-    return MatchedFilter(flux=flux, snr=snr / scale, noise_scale=scale, den=den, sigma_px=sigma)
+    return MatchedFilter(flux=flux, snr=snr / scale, noise_scale=scale, den=den, sigma_px=sigma,
+                         inv_sqrt_den=inv_sqrt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +125,16 @@ def find_peaks(
     valid: np.ndarray,
     segment_threshold: float | None = None,
     exclude_border_px: int = 1,
+    segments: bool = True,
 ) -> Detections:
     """Local maxima of the S/N map above `threshold` on valid pixels.
 
     Every local maximum (3x3 neighbourhood) becomes a point source, so overlapping sources with
     separate peaks are deblended; the segmentation labels connected regions of S/N above
     `segment_threshold` (default: `threshold`) and counts the peaks in each. Positions are
-    refined by a quadratic fit to the 3x3 S/N values around the peak.
+    refined by a quadratic fit to the 3x3 S/N values around the peak. Without `segments` (a
+    caller that does not use them), the labelling is skipped: every peak is its own segment
+    and `segmentation` is empty.
     """
     snr = mf.snr
     ny, nx = snr.shape
@@ -142,9 +155,14 @@ def find_peaks(
             if dy or dx:
                 is_peak &= v >= snr[iy + dy, ix + dx]
     iy, ix = iy[is_peak], ix[is_peak]
-    segmentation, _ = ndimage.label(snr >= seg_thr)
-    seg = segmentation[iy, ix]
-    counts = np.bincount(seg, minlength=segmentation.max() + 1)
+    if segments:
+        segmentation, _ = ndimage.label(snr >= seg_thr)
+        seg = segmentation[iy, ix]
+        counts = np.bincount(seg, minlength=segmentation.max() + 1)
+    else:
+        segmentation = np.zeros((0, 0), dtype=np.int32)
+        seg = np.arange(1, iy.size + 1)
+        counts = np.ones(iy.size + 1, dtype=np.int64)
     y0 = np.clip(iy, 1, ny - 2)
     x0 = np.clip(ix, 1, nx - 2)
     c = snr[y0, x0]

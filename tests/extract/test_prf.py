@@ -88,3 +88,23 @@ def test_exact_apertures_match_photutils():
         s, e = aperture_fluxes(img, unc, x=x, y=y, radius_px=r, mask=mask)
         np.testing.assert_allclose(s, tab["aperture_sum"], rtol=0, atol=1e-9)
         np.testing.assert_allclose(e, tab["aperture_sum_err"], rtol=0, atol=1e-9)
+
+
+def test_refit_of_free_groups_only_keeps_the_others():
+    # A refit after adding sources (the residual pass): only the groups holding a free source
+    # iterate; the others keep their start values exactly and still count in the residual.
+    img, w, x, y, flux = _field(11)
+    first = fit_point_sources(img, w, x0=x, y0=y, flux0=flux, fwhm_px=2.6)
+    n_grid = x.size - 5
+    free = np.zeros(x.size, dtype=bool)
+    free[n_grid] = True  # one member of the close pair: the whole pair is refitted
+    start_x = first.x + 0.2
+    refit = fit_point_sources(img, w, x0=start_x, y0=first.y, flux0=first.flux, fwhm_px=2.6,
+                              free=free)
+    moved = refit.x != start_x
+    assert not np.any(moved[:n_grid]) and not np.any(moved[n_grid + 2 :])
+    assert np.all(np.abs(refit.x[n_grid : n_grid + 2] - first.x[n_grid : n_grid + 2]) < 0.05)
+    # Fixed sources are off by 0.2 px: their residual shows it, the refitted pair's does not.
+    assert np.all(np.isfinite(refit.flux_err))
+    assert np.all(refit.chi2[:n_grid] > first.chi2[:n_grid])
+    assert refit.chi2[n_grid] == pytest.approx(first.chi2[n_grid], rel=0.05)
