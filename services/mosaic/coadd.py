@@ -17,7 +17,6 @@ import numpy as np
 from astropy.io import fits
 
 from services.mosaic.grid import GridError, OutputGrid, native_pixel_arcsec, output_grid
-from services.mosaic.noisecorr import large_aperture_noise_factor, point_source_noise_factor
 from services.mosaic.outliers import find_outliers
 from services.mosaic.overlap import match_backgrounds
 from services.mosaic.resample import drizzle, map_frames
@@ -63,11 +62,6 @@ class Mosaic:
     bunit: str
     flat: np.ndarray | None = None  #: the self-flat divided through, if any
     parameters: dict[str, object] = field(default_factory=dict)
-    #: actual / munc-predicted noise of a PSF-weighted point-source flux (drizzle correlates
-    #: neighbouring pixels; `noisecorr`); NaN when the PSF is unknown
-    noise_corr_psf: float = float("nan")
-    #: the same for a flux summed over an area much larger than the input pixels
-    noise_corr_large: float = float("nan")
 
     @property
     def n_frames_in(self) -> int:
@@ -116,7 +110,6 @@ def build_mosaic(
     overlap_cell_px: int = 8,
     unc_tolerance: float = 10.0,
     output_header: fits.Header | None = None,
-    psf_fwhm_arcsec: float | None = None,
 ) -> Mosaic:
     """Coadd BCD frames into a mosaic (surface brightness in, surface brightness out).
 
@@ -134,10 +127,6 @@ def build_mosaic(
     - `pixfrac`: drizzle footprint shrink factor (1 = whole pixel).
     - `unc_tolerance`: a frame whose median unc differs from its measured pixel noise by
       more than this factor has its unc rescaled to the measured noise (and a note).
-    - `psf_fwhm_arcsec`: PSF FWHM for the point-source noise-correlation factor
-      (`Mosaic.noise_corr_psf`); default `mips.BANDS[ch].psf_fwhm_arcsec` for MIPS, else the
-      factor is NaN. `unc` is right per pixel; the factors say how much larger the noise of a
-      flux summed over pixels is than `unc` predicts for independent pixels.
     """
     frames = list(frames)
     n = len(frames)
@@ -271,20 +260,6 @@ def build_mosaic(
     image = np.where(covered, sums.weighted_value / safe_w, np.nan)
     unc = np.where(covered, np.sqrt(sums.weighted_var) / safe_w, np.nan)
 
-    # input pixel side in output pixels (the turbo kernel's square footprint) -> correlation
-    input_px = math.sqrt(float(np.median(samples.area_px))) if samples.size else float("nan")
-    if psf_fwhm_arcsec is None and instrume.upper() == "MIPS" and channel in mips.BANDS:
-        psf_fwhm_arcsec = mips.BANDS[channel].psf_fwhm_arcsec
-    corr_psf = corr_large = float("nan")
-    if math.isfinite(input_px) and input_px > 0:
-        corr_large = large_aperture_noise_factor(input_pixel_px=input_px, pixfrac=pixfrac)
-        if psf_fwhm_arcsec is not None and psf_fwhm_arcsec > 0:
-            corr_psf = point_source_noise_factor(
-                input_pixel_px=input_px,
-                psf_fwhm_px=psf_fwhm_arcsec / grid.pixel_arcsec,
-                pixfrac=pixfrac,
-            )
-
     offsets_all = np.full(n, np.nan)
     offsets_all[idx] = offsets
     header = grid.header()
@@ -315,8 +290,5 @@ def build_mosaic(
             "min_coverage": min_coverage,
             "weighting": weighting,
             "pixfrac": pixfrac,
-            "psf_fwhm_arcsec": psf_fwhm_arcsec,
         },
-        noise_corr_psf=corr_psf,
-        noise_corr_large=corr_large,
     )

@@ -5,13 +5,6 @@ copied from a template BCD header (TELESCOP, INSTRUME, CHNLNUM, AORKEY ...), NFR
 step's parameters and a HISTORY record of the inputs; the image product also carries a
 PROVENANCE binary table (one row per input frame: name, DCENUM, used, offset subtracted,
 outliers rejected, unc scale) in the way Gemini DRAGONS keeps provenance.
-
-`maic` and `munc` carry NCORFAC and NCORLRG: `munc` is the right 1-sigma per pixel, but the
-drizzle spreads each input pixel over neighbouring output pixels, so their noise is correlated.
-The uncertainty of an optimal PSF-weighted point-source flux computed from `munc` as if the
-pixels were independent must be multiplied by NCORFAC (band PSF, Gaussian of its FWHM); that
-of a flux summed over an area much larger than the input pixels by NCORLRG
-(`services.mosaic.noisecorr`). The factors do not depend on coverage.
 """
 
 from __future__ import annotations
@@ -88,15 +81,6 @@ def _header(mosaic: Mosaic, template: fits.Header, creator: str, kind: str) -> f
         float(pixfrac) if isinstance(pixfrac, int | float) else 1.0,
         "drizzle footprint shrink factor",
     )
-    if kind in ("maic", "munc"):
-        # munc is right per pixel, but drizzle shares each input pixel between neighbouring
-        # output pixels: a flux summed over pixels is noisier than munc predicts
-        for key, value, comment in (
-            ("NCORFAC", mosaic.noise_corr_psf, "PSF-flux noise / munc prediction (correl.)"),
-            ("NCORLRG", mosaic.noise_corr_large, "large-aperture noise / munc prediction"),
-        ):
-            if np.isfinite(value):
-                h[key] = (round(float(value), 4), comment)
     h.add_history(f"{creator}: coadd of {mosaic.n_frames_used} of {mosaic.n_frames_in} frames")
     for key, u, off, nrej in zip(
         mosaic.frame_keys, used, mosaic.offsets_mjysr, mosaic.outliers_per_frame, strict=True

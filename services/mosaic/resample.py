@@ -4,15 +4,13 @@ Every input pixel's corners go through the frame's TAN-SIP WCS to the output gri
 becomes a square of the same area (the distorted footprint's area, so the SIP pixel-area
 variation is honoured) centred on the footprint's centre (drizzle's "turbo" kernel). The
 square's overlap with each output pixel is separable in x and y, so all frames are scattered
-at once with `np.bincount`: 9 passes over all input pixels (16 for footprints wider than
-2 output pixels), no per-frame or per-pixel loop.
+at once with `np.bincount`: 9 passes over all input pixels, no per-frame or per-pixel loop.
 The coadd is a weighted mean of surface brightness, so sum(image) * pixel solid angle equals
 the input flux.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -141,23 +139,22 @@ class DrizzleSums:
 
 
 def _axis_overlaps(
-    centre: np.ndarray, half: np.ndarray, n: int, n_cells: int
+    centre: np.ndarray, half: np.ndarray, n: int
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """First output cell touched by [centre-half, centre+half] and overlaps with `n_cells` cells.
+    """First output cell touched by [centre-half, centre+half] and overlaps with 3 cells.
 
-    Needs 2 * half < n_cells - 1 (a footprint then spans at most `n_cells` cells). Cells outside
-    [0, n) get 0.
+    Needs half < 1 (a footprint then spans at most 3 cells). Cells outside [0, n) get 0.
     """
     lo = centre - half
     hi = centre + half
     first = np.floor(lo + 0.5)
     edge = first + 0.5  # right edge of the first cell
-    overlaps = [np.minimum(hi, edge) - lo]
-    for k in range(1, n_cells):
-        # cell k spans [edge + k - 1, edge + k]
-        overlaps.append(np.clip(hi - edge - (k - 1), 0.0, 1.0))
+    ov0 = np.minimum(hi, edge) - lo
+    ov1 = np.clip(hi - edge, 0.0, 1.0)
+    ov2 = np.maximum(hi - edge - 1.0, 0.0)
+    overlaps = [ov0, ov1, ov2]
     if lo.size and (float(lo.min()) < -0.5 or float(hi.max()) > n - 0.5):
-        for k in range(n_cells):
+        for k in range(3):
             cell = first + k
             overlaps[k] = np.where((cell >= 0) & (cell < n), overlaps[k], 0.0)
     return first.astype(np.int64), overlaps
@@ -174,30 +171,27 @@ def drizzle(
 
     `sample_weight` is the coadd weight of each sample (e.g. inverse variance); `pixfrac`
     shrinks the footprint's side (1.0 = the whole pixel, the flux-conserving default).
-    A footprint of side s touches up to floor(s) + 2 output pixels per axis; all are scattered
-    (at 70 um, 9.98" pixels on the 4" grid span 4), so the kernel is never truncated and the
-    coverage is exact.
+    Footprints are limited to < 2 output pixels a side (output pixels at least half the
+    input's size).
     """
     ny, nx = grid.shape
     npix = ny * nx
     sums = [np.zeros(npix) for _ in range(4)]
     inv_pf2 = 1.0 / (pixfrac * pixfrac)
-    side_max = pixfrac * math.sqrt(float(samples.area_px.max())) if samples.size else 0.0
-    n_cells = max(3, math.floor(side_max) + 2)
     for start in range(0, samples.size, _CHUNK):
         sl = slice(start, start + _CHUNK)
-        half = 0.5 * pixfrac * np.sqrt(samples.area_px[sl].astype(np.float64))
-        fx, ox = _axis_overlaps(samples.x[sl], half, nx, n_cells)
-        fy, oy = _axis_overlaps(samples.y[sl], half, ny, n_cells)
+        half = np.minimum(0.5 * pixfrac * np.sqrt(samples.area_px[sl].astype(np.float64)), 0.99)
+        fx, ox = _axis_overlaps(samples.x[sl], half, nx)
+        fy, oy = _axis_overlaps(samples.y[sl], half, ny)
         base = fy * nx + fx
         w = sample_weight[sl].astype(np.float64)
         wv = w * samples.value[sl]
         w2var = w * w * samples.unc[sl].astype(np.float64) ** 2
-        for ky in range(n_cells):
-            for kx in range(n_cells):
+        for ky in range(3):
+            for kx in range(3):
                 a = oy[ky] * ox[kx]
-                if ky == n_cells - 1 or kx == n_cells - 1:
-                    # the last cell is rarely touched: scatter only where it is
+                if ky == 2 or kx == 2:
+                    # the third cell is rarely touched: scatter only where it is
                     sel = np.flatnonzero(a)
                     if sel.size == 0:
                         continue
