@@ -34,6 +34,19 @@ class PipelineRun:
         ]
 
 
+def unverified(products: list, store_root: Path) -> list[str]:
+    """Keys of the products' files that are missing from the store or differ from their
+    recorded size and sha256."""
+
+    async def check() -> list[str]:
+        store = ObjectStore(str(store_root))
+        return [
+            o.key for p in products for o in (p.primary, *p.companions) if not await store.verify(o)
+        ]
+
+    return asyncio.run(check())
+
+
 def run_pipeline(inputs: Path, data: Path, out: Path, *, workers: int = 2) -> RunWatch:
     async def go() -> RunWatch:
         async with pipeline(data, calibrate_workers=workers) as (url, store):

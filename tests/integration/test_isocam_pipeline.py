@@ -3,7 +3,6 @@ CISP/CGLL/CCIM -> CMOS/CMAP -> CPSL per observation, in the store, checked again
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
 import subprocess
@@ -16,8 +15,7 @@ from astropy.table import Table
 
 from shared.cli import RunWatch
 from shared.instruments import isocam as ic
-from shared.store import ObjectStore
-from tests.integration.conftest import run_pipeline
+from tests.integration.conftest import run_pipeline, unverified
 
 #: Product type -> the ISO product roots of its files (primary first).
 ROOTS = {
@@ -89,16 +87,7 @@ def test_every_isocam_level_is_a_stored_product(isocam_run) -> None:  # type: ig
     cmos = next(iter(_by_obs(watch, "cmos").values()))
     assert {o.role for o in cmos.companions} == {"cmap", "quicklook"}  # type: ignore[attr-defined]
 
-    async def unverified() -> list[str]:
-        store = ObjectStore(str(store_root))
-        return [
-            o.key
-            for p in watch.products
-            for o in (p.primary, *p.companions)
-            if not await store.verify(o)
-        ]
-
-    assert asyncio.run(unverified()) == []
+    assert unverified(watch.products, store_root) == []
 
 
 def test_isocam_names_follow_the_iso_rule(isocam_run) -> None:  # type: ignore[no-untyped-def]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,21 +9,7 @@ from pathlib import Path
 import pytest
 from astropy.io import fits
 
-from shared.messages import ProductRef
-from tests.integration.conftest import PipelineRun, run_pipeline
-
-
-def _verify_all(run: PipelineRun, refs: list[ProductRef]) -> list[str]:
-    async def check() -> list[str]:
-        store = run.store
-        bad = []
-        for ref in refs:
-            for obj in (ref.primary, *ref.companions):
-                if not await store.verify(obj):
-                    bad.append(obj.key)
-        return bad
-
-    return asyncio.run(check())
+from tests.integration.conftest import PipelineRun, run_pipeline, unverified
 
 
 def test_every_level_is_produced_and_stored_with_its_sha256(mips_run: PipelineRun) -> None:
@@ -44,7 +29,7 @@ def test_every_level_is_produced_and_stored_with_its_sha256(mips_run: PipelineRu
     assert len(mips_run.products("mosaicked", "maic")) == 2
     assert len(mips_run.products("sources", "bandmerged")) == 1
     assert not mips_run.watch.dead, [d.reason for d in mips_run.watch.dead]
-    assert _verify_all(mips_run, mips_run.watch.products) == []
+    assert unverified(mips_run.watch.products, mips_run.store_root) == []
 
 
 def test_bcd_companions_and_spitzer_names(mips_run: PipelineRun) -> None:

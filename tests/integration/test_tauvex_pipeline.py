@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,8 +9,7 @@ from pathlib import Path
 import pytest
 from astropy.io import fits
 
-from shared.store import ObjectStore
-from tests.integration.conftest import run_pipeline
+from tests.integration.conftest import run_pipeline, unverified
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +41,7 @@ def test_every_tauvex_level_is_a_stored_product(tauvex_run) -> None:  # type: ig
     assert kinds.count(("sources", "bandmerged")) == 1
     assert not watch.dead, [d.reason for d in watch.dead]
 
-    async def verify() -> list[str]:
-        store = ObjectStore(str(store_root))
-        return [
-            o.key
-            for p in watch.products
-            for o in (p.primary, *p.companions)
-            if not await store.verify(o)
-        ]
-
-    assert asyncio.run(verify()) == []
+    assert unverified(watch.products, store_root) == []
 
 
 def test_tauvex_headers_carry_module_versions(tauvex_run) -> None:  # type: ignore[no-untyped-def]
