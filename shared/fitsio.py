@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from astropy.io import fits
+from astropy.table import Table
 
 from shared.messages import utcnow
 
@@ -41,3 +42,22 @@ def add_provenance(
     header.add_history(f"{creator} {step} {utcnow()[:19]}")
     for key in parents:
         header.add_history(f"input: {key}")
+
+
+def read_bintable(
+    data: bytes, *, required: Sequence[str], what: str, error: type[ValueError] = ValueError
+) -> Table:
+    """The first BINTABLE of FITS bytes as a Table; `error` (naming `what`) if the bytes are
+    not FITS, hold no table, or the table lacks a `required` column."""
+    try:
+        with fits.open(io.BytesIO(data), memmap=False) as hdul:
+            hdu = next((h for h in hdul if isinstance(h, fits.BinTableHDU)), None)
+            if hdu is None:
+                raise error(f"{what} has no BINTABLE extension")
+            table = Table(hdu.data)
+    except OSError as exc:
+        raise error(f"{what} is not a readable FITS file: {exc}") from exc
+    missing = [c for c in required if c not in table.colnames]
+    if missing:
+        raise error(f"{what} lacks columns {missing}; expected {tuple(required)}")
+    return table

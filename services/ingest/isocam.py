@@ -17,6 +17,7 @@ from astropy.io import fits
 from astropy.table import Table
 from numpy.typing import NDArray
 
+from shared import fitsio
 from shared.instruments import isocam as ic
 from shared.instruments.isocam import Problem
 
@@ -72,9 +73,10 @@ class TdfObservation:
     def name(self) -> str:
         return ic.product_name("CTDF", self.obsnum)
 
-    def to_bytes(self) -> bytes:
-        """CTDF FITS: primary header (OBSNUM, clock, TREF*) + BINTABLE of raw buffers."""
-        h = ic.base_header(obsnum=self.obsnum, revolution=self.revolution, root="CTDF")
+    def header(self, root: str) -> fits.Header:
+        """The observation's primary-header keywords (identity, times, template, clock
+        reset, TREF* synchronisation) that every product of it (CTDF, CIER ...) carries."""
+        h = ic.base_header(obsnum=self.obsnum, revolution=self.revolution, root=root)
         h["UTKSTART"] = (self.utk_start, "UTK of the observation start (EOH)")
         h["UTKEND"] = (self.utk_end, "UTK of the observation end (EOH)")
         h["DATE-OBS"] = (ic.utk_to_isot(self.utk_start), "UTC start")
@@ -83,10 +85,15 @@ class TdfObservation:
         h["OBJECT"] = (self.target, "target name")
         h["CAMITK0"] = (self.clock.camitk0, "ITK at reset of the F2BOOTTI counter")
         h["CAMUTK0"] = (self.clock.camutk0, "UTK at reset of the F2BOOTTI counter")
-        h["CLKITKU"] = (self.clock.itk_unit_s, "[s] ITK unit fitted over the revolution")
-        h["CLKRMS"] = (round(self.clock.rms_utk, 4), "[UTK] rms of the clock fit")
         for k, v, c in self.clock.sync_at(self.utk_start).header_cards():
             h[k] = (v, c)
+        return h
+
+    def to_bytes(self) -> bytes:
+        """CTDF FITS: primary header (OBSNUM, clock, TREF*) + BINTABLE of raw buffers."""
+        h = self.header("CTDF")
+        h["CLKITKU"] = (self.clock.itk_unit_s, "[s] ITK unit fitted over the revolution")
+        h["CLKRMS"] = (round(self.clock.rms_utk, 4), "[UTK] rms of the clock fit")
         h["NBUFFERS"] = (int(self.buffers.shape[0]), "good TDF buffers in this slice")
         h["NPROBLEM"] = (sum(p.count for p in self.problems), "defects counted in this slice")
         for p in self.problems[:20]:
@@ -131,17 +138,7 @@ class IngestResult:
 
 def read_eoh(eoh: bytes) -> Table:
     """EOH FITS bytes -> Table (OBSNUM str, UTKSTART, UTKEND int) sorted by UTKSTART."""
-    try:
-        with fits.open(io.BytesIO(eoh), memmap=False) as hdul:
-            hdu = next((h for h in hdul if isinstance(h, fits.BinTableHDU)), None)
-            if hdu is None:
-                raise EohError("EOH input has no BINTABLE extension")
-            tab = Table(hdu.data)
-    except OSError as exc:
-        raise EohError(f"EOH input is not a readable FITS file: {exc}") from exc
-    missing = [c for c in EOH_COLUMNS if c not in tab.colnames]
-    if missing:
-        raise EohError(f"EOH table lacks columns {missing}; expected {EOH_COLUMNS}")
+    tab = fitsio.read_bintable(eoh, required=EOH_COLUMNS, what="EOH input", error=EohError)
     tab["OBSNUM"] = [str(s.decode() if isinstance(s, bytes) else s).strip()
                      for s in tab["OBSNUM"]]
     bad = [s for s in tab["OBSNUM"] if not (s.isdigit() and len(s) == 8)]

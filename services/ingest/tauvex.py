@@ -8,14 +8,13 @@ A Level 1 observation is stored as a FITS file: see `shared.instruments.tauvex.L
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
-from astropy.io import fits
 from astropy.table import Table
 from numpy.typing import NDArray
 
+from shared import fitsio
 from shared.instruments import tauvex as tv
 from shared.instruments.tauvex import Level1FormatError, Level1Observation, Problem
 
@@ -50,17 +49,8 @@ class Level1Result:
 
 def read_attitude(attitude: bytes) -> Table:
     """Spacecraft attitude/housekeeping FITS bytes -> Table sorted by TIME (s)."""
-    try:
-        with fits.open(io.BytesIO(attitude)) as hdul:
-            hdu = next((h for h in hdul if isinstance(h, fits.BinTableHDU)), None)
-            if hdu is None:
-                raise AttitudeError("attitude input has no BINTABLE extension")
-            tab = Table(hdu.data)
-    except OSError as exc:
-        raise AttitudeError(f"attitude input is not a readable FITS file: {exc}") from exc
-    missing = [c for c in ATTITUDE_COLUMNS if c not in tab.colnames]
-    if missing:
-        raise AttitudeError(f"attitude table lacks columns {missing}; expected {ATTITUDE_COLUMNS}")
+    tab = fitsio.read_bintable(attitude, required=ATTITUDE_COLUMNS, what="attitude input",
+                               error=AttitudeError)
     tab.sort("TIME")
     return tab
 

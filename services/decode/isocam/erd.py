@@ -42,17 +42,7 @@ def derive_erd(chunk: bytes | TdfObservation) -> fits.HDUList:
     dup[1:] = (itk[1:] == itk[:-1]) & (f2["kind"][1:] == f2["kind"][:-1])
     f2, itk, utk = f2[~dup], itk[~dup], utk[~dup]
 
-    h = ic.base_header(obsnum=obs.obsnum, revolution=obs.revolution, root="CIER")
-    h["UTKSTART"] = (obs.utk_start, "UTK of the observation start (EOH)")
-    h["UTKEND"] = (obs.utk_end, "UTK of the observation end (EOH)")
-    h["DATE-OBS"] = (ic.utk_to_isot(obs.utk_start), "UTC start")
-    h["DATE-END"] = (ic.utk_to_isot(obs.utk_end), "UTC end")
-    h["AOT"] = (obs.aot, "observing template")
-    h["OBJECT"] = (obs.target, "target name")
-    h["CAMITK0"] = (obs.clock.camitk0, "ITK at reset of the F2BOOTTI counter")
-    h["CAMUTK0"] = (obs.clock.camutk0, "UTK at reset of the F2BOOTTI counter")
-    for k, v, c in sync.header_cards():
-        h[k] = (v, c)
+    h = obs.header("CIER")
     if f2.size:
         h["FILTER"] = (f2["filter"][0].decode().strip(), "LW filter")
         h["LENS"] = (f2["lens_das"][0] / 10.0, "[arcsec] pixel field of view")
