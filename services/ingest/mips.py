@@ -372,6 +372,8 @@ BCD_TYPES = frozenset(
     {"bcd", "bunc", "bbmsk", "bmask", "brmsk", "fbcd", "ebcd", "cbcd", "cbunc", "bimsk", "rmask"}
 )
 _INSTRUMENTS = {"M": "MIPS", "I": "IRAC"}
+#: TELESCOP values of Spitzer files (early archive products say SIRTF, the pre-launch name).
+SPITZER_TELESCOP = frozenset({"spitzer", "sirtf"})
 
 Level = Literal["raw", "bcd", "pbcd"]
 
@@ -445,7 +447,7 @@ def _check_header_agrees(
     if header is None:
         return
     telescop = _hget(header, "TELESCOP")
-    if telescop is not None and str(telescop).strip().lower() != "spitzer":
+    if telescop is not None and str(telescop).strip().lower() not in SPITZER_TELESCOP:
         raise SpitzerNameMismatchError(
             f"{name} has a Spitzer name but TELESCOP={telescop!r}: rename the file or fix TELESCOP"
         )
@@ -469,7 +471,7 @@ def _check_header_agrees(
 def _from_header(header: Mapping[str, Any] | None) -> SpitzerFileInfo | None:
     if header is None:
         return None
-    if str(_hget(header, "TELESCOP") or "").strip().lower() != "spitzer":
+    if str(_hget(header, "TELESCOP") or "").strip().lower() not in SPITZER_TELESCOP:
         return None
     inst = str(_hget(header, "INSTRUME") or "").strip().upper()
     if inst not in ("MIPS", "IRAC"):

@@ -9,28 +9,22 @@ from __future__ import annotations
 
 import enum
 import io
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from astropy.io import fits
 
+from services.ingest import mips
 from shared.instruments import isocam as ic
 from shared.instruments import tauvex as tv
 
 FITS_MAGIC = b"SIMPLE  ="
 CCSDS_VERSION_MASK = 0xE0
 
-#: Spitzer per-DCE name: SPITZER_<M|I|S><ch>_<aorkey>_<expid>_<dcenum>_<version>_<type>.fits
-SPITZER_NAME = re.compile(
-    r"^SPITZER_(?P<inst>[MIS])(?P<ch>\d)_(?P<aorkey>\d+)_(?P<expid>\d+)_(?P<dcenum>\d+)_"
-    r"(?P<version>\d+)_(?P<type>[a-z0-9]+)\.fits(?:\.gz)?$"
-)
 BCD_TYPES = {"bcd", "cbcd", "fbcd", "ebcd"}
 UNC_TYPES = {"bunc", "cbunc"}
 MASK_TYPES = {"bbmsk", "bmask", "bimsk", "brmsk"}
 RAW_TYPES = {"raw", "dce"}
-INSTRUMENT_LETTER = {"M": "MIPS", "I": "IRAC", "S": "IRS"}
 
 
 class InputKind(enum.StrEnum):
@@ -97,8 +91,11 @@ def classify(name: str, data: bytes) -> tuple[InputKind, fits.Header | None]:
                 return InputKind.TAUVEX_ATTITUDE, header
         if _is_isocam_eoh(header, data):
             return InputKind.ISOCAM_EOH, header
-        telescope = str(header.get("TELESCOP", "")).strip().lower()
-        if telescope in ("spitzer", "sirtf") or SPITZER_NAME.match(name):
+        try:
+            spitzer = mips.recognise_spitzer_fits(name, header) is not None
+        except mips.SpitzerNameMismatchError:
+            spitzer = True  # a Spitzer file with a problem: grouping reports it
+        if spitzer:
             return InputKind.SPITZER_FITS, header
         raise ValueError(
             "FITS file not recognised: expected a Spitzer raw/BCD product (TELESCOP='Spitzer'), "
@@ -145,22 +142,21 @@ class SpitzerSets:
 
 
 def _identity(name: str, header: fits.Header) -> tuple[str, int, int, int, int, str] | str:
-    """(instrument, channel, aorkey, expid, dcenum, type) from header, name as fallback."""
-    m = SPITZER_NAME.match(name)
-    inst = str(header.get("INSTRUME", "")).strip().upper() or (
-        INSTRUMENT_LETTER.get(m["inst"], "") if m else "")
+    """(instrument, channel, aorkey, expid, dcenum, type) of a per-DCE Spitzer file, or the
+    reason it cannot be used."""
     try:
-        channel = int(header.get("CHNLNUM", m["ch"] if m else -1))
-        aorkey = int(header.get("AORKEY", m["aorkey"] if m else -1))
-        expid = int(header.get("EXPID", m["expid"] if m else -1))
-        dcenum = int(header.get("DCENUM", m["dcenum"] if m else -1))
+        info = mips.recognise_spitzer_fits(name, header)
+    except mips.SpitzerNameMismatchError as exc:
+        return str(exc)
     except (TypeError, ValueError) as exc:
         return f"bad identity keyword ({exc})"
-    kind = m["type"] if m else ("bcd" if str(header.get("BUNIT", "")).startswith("MJy") else "raw")
-    if not inst or min(channel, aorkey, expid, dcenum) < 0:
-        return ("missing identity: need INSTRUME, CHNLNUM, AORKEY, EXPID, DCENUM in the header "
-                "or a Spitzer file name")
-    return inst, channel, aorkey, expid, dcenum, kind
+    if info is None:
+        return ("missing identity: need TELESCOP, INSTRUME, CHNLNUM, AORKEY, EXPID, DCENUM in "
+                "the header or a Spitzer file name")
+    if info.dcenum is None:
+        return f"post-BCD product '{info.product_type}': submit the BCDs to mosaic them again"
+    return (info.instrument, info.channel, info.aorkey, info.expid, info.dcenum,
+            info.product_type)
 
 
 def group_spitzer_files(files: list[tuple[str, fits.Header | None]]) -> SpitzerSets:
