@@ -152,9 +152,12 @@ def _circle_pixel_overlap(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarra
         q = lo * b + prim(a) - prim(lo)
         return np.sign(u) * np.sign(v) * q
 
-    x0, x1 = (dx - 0.5)[:, None, :], (dx + 0.5)[:, None, :]
-    y0, y1 = (dy - 0.5)[:, :, None], (dy + 0.5)[:, :, None]
-    area = quadrant(x1, y1) - quadrant(x0, y1) - quadrant(x1, y0) + quadrant(x0, y0)
+    # q at every pixel corner once: a corner is shared by up to four pixels. Offsets of the
+    # corners: one more than the pixels per axis, the last one the far edge of the last pixel.
+    ex = np.concatenate([dx - 0.5, dx[:, -1:] + 0.5], axis=1)[:, None, :]  # (n, 1, a + 1)
+    ey = np.concatenate([dy - 0.5, dy[:, -1:] + 0.5], axis=1)[:, :, None]  # (n, b + 1, 1)
+    q = quadrant(ex, ey)
+    area = q[:, 1:, 1:] - q[:, :-1, 1:] - q[:, 1:, :-1] + q[:, :-1, :-1]
     return np.maximum(area, 0.0).reshape(dx.shape[0], -1)
 
 

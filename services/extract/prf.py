@@ -148,7 +148,7 @@ def fit_point_sources(
 
     # Covariance from the undamped normal matrix at the solution.
     hd, hp, _ = st.normal_equations((prof, flux[:, None] * dpx, flux[:, None] * dpy), None)
-    var = _Blocks(st.group, st.pair_i, st.pair_j).inverse_diagonal(hd, hp)
+    var = st.blocks().inverse_diagonal(hd, hp)
 
     resid_u = st.data_u - total
     chi2_st = np.sum(st.w_st * resid_u[st.row] ** 2, axis=1)
@@ -199,7 +199,7 @@ def _iterate_groups(
     iterations done.
     """
     ng = st.n_groups
-    blocks = _Blocks(st.group, st.pair_i, st.pair_j)
+    blocks = st.blocks()
     xs, ys, fs = x[src], y[src], flux[src]
     x0s, y0s = xs0[src], ys0[src]
     lam_g = np.zeros(ng)
@@ -285,7 +285,7 @@ def fit_common_fwhm(
     shift_max = 0.75 * fwhm_px
     st = _Stamps(image, weight, np.round(x).astype(np.int64), np.round(y).astype(np.int64),
                  int(half_size))
-    blocks = _Blocks(st.group, st.pair_i, st.pair_j)
+    blocks = st.blocks()
     every = np.ones(x.size, dtype=bool)
 
     def state(xs: np.ndarray, ys: np.ndarray, fs: np.ndarray, ss: float) -> tuple[
@@ -392,7 +392,10 @@ class _Stamps:
         self.data_u = image.ravel()[self.uniq]
         self.w_u = weight.ravel()[self.uniq]
         # Pixels outside the image were clipped onto the edge: no weight and no model there.
-        self.inside_f = inside.astype(float)
+        # The mask is separable (rows x columns): applied to the 1-D profiles, it costs nothing
+        # on the stamps.
+        self.inx_f, self.iny_f = inx.astype(float), iny.astype(float)
+        self._blocks: _Blocks | None = None
         self.w_st = np.where(inside, self.w_u[self.row], 0.0)
 
         # Pairs of stamps sharing a weighted pixel: stamps are equal squares on integer
@@ -426,14 +429,25 @@ class _Stamps:
         self.n_groups = int(self.group.max()) + 1
 
     def subset(self, src: np.ndarray) -> _Stamps:
-        """The stamps of the sources `src` (whole groups), sharing this geometry's pixels."""
+        """The stamps of the sources `src` (whole groups), on the pixels they cover (so that
+        the model and chi^2 sums of a few still-moving groups cost little)."""
         out = object.__new__(_Stamps)
         pos = np.full(self.px.shape[0], -1, dtype=np.int64)
         pos[src] = np.arange(src.size)
-        for name in ("px", "py", "row", "inside_f", "w_st"):
+        for name in ("px", "py", "inx_f", "iny_f", "w_st"):
             setattr(out, name, getattr(self, name)[src])
+        # The subset's pixels, in the same (increasing) order: every per-pixel and per-group
+        # sum adds the same terms in the same order as on the whole geometry.
+        rows = self.row[src]
+        used = np.zeros(self.n_u, dtype=bool)
+        used[rows] = True
+        keep_u = np.flatnonzero(used)
+        lookup = np.empty(self.n_u, dtype=np.int64)
+        lookup[keep_u] = np.arange(keep_u.size)
+        out.row = lookup[rows]
         out.row_flat = out.row.ravel()
-        out.uniq, out.n_u, out.data_u, out.w_u = self.uniq, self.n_u, self.data_u, self.w_u
+        out.uniq, out.n_u = self.uniq[keep_u], keep_u.size
+        out.data_u, out.w_u = self.data_u[keep_u], self.w_u[keep_u]
         keep = pos[self.pair_i] >= 0  # groups are whole: both members of a pair, or neither
         out.pair_i, out.pair_j = pos[self.pair_i[keep]], pos[self.pair_j[keep]]
         new_id = np.cumsum(keep) - 1
@@ -447,29 +461,41 @@ class _Stamps:
                        if out.e_pair.size else out.e_pair)
         labels, out.group = np.unique(self.group[src], return_inverse=True)
         out.n_groups = labels.size
+        out._blocks = None
         # Pixels of the other groups go to an extra group that no chi^2 reads.
         gmap = np.full(self.n_groups, out.n_groups, dtype=np.int64)
         gmap[labels] = np.arange(labels.size)
-        out.pixel_group = gmap[self.pixel_group]
+        out.pixel_group = gmap[self.pixel_group[keep_u]]
         return out
+
+    def blocks(self) -> _Blocks:
+        """The block structure of the normal matrix (built once per geometry)."""
+        if self._blocks is None:
+            self._blocks = _Blocks(self.group, self.pair_i, self.pair_j)
+        return self._blocks
 
     def profiles(
         self, xs: np.ndarray, ys: np.ndarray, sigma: float, *, with_sigma: bool = False
     ) -> tuple[np.ndarray, ...]:
         """Unit-flux PRF on every stamp pixel and its derivatives in x and y (and sigma)."""
         n = xs.size
-        gx, dgx = _stamp_profile_1d(self.px[:, 0] - xs, self.px.shape[1], sigma)
-        gy, dgy = _stamp_profile_1d(self.py[:, 0] - ys, self.py.shape[1], sigma)
-        m = self.inside_f
-        prof = (gy[:, :, None] * gx[:, None, :]).reshape(n, -1) * m
-        dprof_dx = (gy[:, :, None] * dgx[:, None, :]).reshape(n, -1) * m
-        dprof_dy = (dgy[:, :, None] * gx[:, None, :]).reshape(n, -1) * m
+        size = self.px.shape[1]
+        # x and y profiles in one evaluation; the in-image masks (0/1) on the 1-D factors.
+        g, dg = _stamp_profile_1d(np.concatenate([self.px[:, 0] - xs, self.py[:, 0] - ys]),
+                                  size, sigma)
+        m = np.concatenate([self.inx_f, self.iny_f])
+        g *= m
+        dg *= m
+        gx, gy, dgx, dgy = g[:n, None, :], g[n:, :, None], dg[:n, None, :], dg[n:, :, None]
+        prof = (gy * gx).reshape(n, -1)
+        dprof_dx = (gy * dgx).reshape(n, -1)
+        dprof_dy = (dgy * gx).reshape(n, -1)
         if not with_sigma:
             return prof, dprof_dx, dprof_dy
-        sx = _gaussian_1d_dsigma(self.px - xs[:, None], sigma)
-        sy = _gaussian_1d_dsigma(self.py - ys[:, None], sigma)
-        dprof_ds = (sy[:, :, None] * gx[:, None, :] + gy[:, :, None] * sx[:, None, :])
-        return prof, dprof_dx, dprof_dy, dprof_ds.reshape(n, -1) * m
+        sx = _gaussian_1d_dsigma(self.px - xs[:, None], sigma) * self.inx_f
+        sy = _gaussian_1d_dsigma(self.py - ys[:, None], sigma) * self.iny_f
+        dprof_ds = sy[:, :, None] * gx + gy * sx[:, None, :]
+        return prof, dprof_dx, dprof_dy, dprof_ds.reshape(n, -1)
 
     def total(self, flux: np.ndarray, prof: np.ndarray) -> np.ndarray:
         """Sum over sources of flux x profile at every unique pixel."""
@@ -490,99 +516,124 @@ class _Stamps:
         the gradient J^T W r (n, 3) (zeros when `resid_u` is None). `jac` holds the model's
         derivatives in flux, x and y on every stamp pixel, three (n, stamp pixels) arrays."""
         n = jac[0].shape[0]
-        jw = [c * self.w_st for c in jac]
+        j3 = np.stack(jac)  # (3, n, stamp pixels)
+        jw = j3 * self.w_st
         hd = np.empty((n, 3, 3))
         for a in range(3):
             for b in range(a, 3):
-                hd[:, a, b] = hd[:, b, a] = np.einsum("ns,ns->n", jw[a], jac[b])
+                hd[:, a, b] = hd[:, b, a] = np.einsum("ns,ns->n", jw[a], j3[b])
         if self.e_pair.size:
-            ja = [np.take(c, self.e_fi) for c in jw]
-            jb = [np.take(c, self.e_fj) for c in jac]
-            prods = np.stack([u * v for u in ja for v in jb], axis=-1)
+            # Every (a, b) product of the shared pixels' derivatives at once, (entries, 9).
+            ja = jw.reshape(3, -1)[:, self.e_fi]
+            jb = j3.reshape(3, -1)[:, self.e_fj]
+            prods = (ja.T[:, :, None] * jb.T[:, None, :]).reshape(-1, 9)
             hp = np.add.reduceat(prods, self.e_start, axis=0).reshape(-1, 3, 3)
         else:
             hp = np.zeros((0, 3, 3))
-        grad = np.zeros((n, 3))
-        if resid_u is not None:
-            r_st = resid_u[self.row]
-            for a in range(3):
-                grad[:, a] = np.einsum("ns,ns->n", jw[a], r_st)
-        return hd, hp, grad
+        if resid_u is None:
+            return hd, hp, np.zeros((n, 3))
+        return hd, hp, np.einsum("ans,ns->na", jw, resid_u[self.row])
 
 
 class _Blocks:
     """The block-diagonal normal matrix, one dense block per group of sources, solved and
-    inverted batched by group size."""
+    inverted batched by group size.
+
+    Every block of every size class lives in one flat buffer, filled by a single gather /
+    scatter (index arrays computed once here): the per-iteration cost is one LAPACK call per
+    size class, not a dozen small array operations per class."""
 
     def __init__(self, group: np.ndarray, pair_i: np.ndarray, pair_j: np.ndarray) -> None:
         n = group.size
         sizes = np.bincount(group)
-        self.n_groups = sizes.size
-        order = np.argsort(group, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(sizes)])
+        # Groups ordered by (size, id): a size class is a run of groups, `slot` a group's index
+        # within its class; sources ordered by (group size, group, index) (`perm`), `loc` a
+        # source's index within its group.
+        g_order = np.lexsort((np.arange(sizes.size), sizes))
+        g_sorted = sizes[g_order]
+        cls_sizes, cls_first, cls_count = np.unique(g_sorted, return_index=True,
+                                                    return_counts=True)
+        slot = np.empty(sizes.size, dtype=np.int64)
+        slot[g_order] = np.arange(sizes.size) - np.repeat(cls_first, cls_count)
+        d_cls = 3 * cls_sizes
+        base_cls = np.concatenate([[0], np.cumsum(cls_count * d_cls * d_cls)])
+        cls_of_g = np.empty(sizes.size, dtype=np.int64)
+        cls_of_g[g_order] = np.repeat(np.arange(cls_sizes.size), cls_count)
+        self._perm = np.lexsort((np.arange(n), group, sizes[group]))
+        first = np.concatenate([[0], np.cumsum(sizes)])  # sources of group k: first[k]...
         loc = np.empty(n, dtype=np.int64)
-        loc[order] = np.arange(n) - starts[group[order]]
-        slot = np.empty(sizes.size, dtype=np.int64)  # a group's index within its size class
+        by_group = np.lexsort((np.arange(n), group))
+        loc[by_group] = np.arange(n) - first[group[by_group]]
+        src_first = np.concatenate([[0], np.cumsum(cls_count * cls_sizes)])
+        self.classes = [
+            (int(g), int(ng), int(s0), int(b0))
+            for g, ng, s0, b0 in zip(cls_sizes, cls_count, src_first[:-1], base_cls[:-1],
+                                     strict=True)
+        ]
+        self._size = int(base_cls[-1])
         k3 = np.arange(3)
-        pair_size = sizes[group[pair_i]]
-        self.classes = []
-        for g in np.unique(sizes):
-            gids = np.flatnonzero(sizes == g)
-            slot[gids] = np.arange(gids.size)
-            members = order[starts[gids][:, None] + np.arange(g)[None, :]]  # (ng, g)
-            mem = members.ravel()
-            b_src = slot[group[mem]]
-            r_src = 3 * loc[mem][:, None] + k3[None, :]  # (m, 3) parameter rows
-            pp = np.flatnonzero(pair_size == g)
-            b_pair = slot[group[pair_i[pp]]]
-            r_i = 3 * loc[pair_i[pp]][:, None] + k3[None, :]
-            r_j = 3 * loc[pair_j[pp]][:, None] + k3[None, :]
-            # Flat positions in the (ng, 3g, 3g) stack of every block entry, computed once:
-            # one 1-D scatter per term instead of broadcasting three index arrays at each solve.
-            d = 3 * g
-            at_src = (b_src[:, None, None] * d * d + r_src[:, :, None] * d
-                      + r_src[:, None, :]).ravel()
-            at_diag = (b_src[:, None] * d * d + r_src * (d + 1)).ravel()
-            at_ij = (b_pair[:, None, None] * d * d + r_i[:, :, None] * d + r_j[:, None, :]).ravel()
-            at_ji = (b_pair[:, None, None] * d * d + r_j[:, None, :] * d + r_i[:, :, None]).ravel()
-            self.classes.append((int(g), gids.size, members, mem, pp, at_src, at_diag, at_ij,
-                                 at_ji))
+        k9 = np.arange(9)
 
-    def _matrices(self, cls: tuple, hd: np.ndarray, hp: np.ndarray,
-                  extra: np.ndarray | None) -> np.ndarray:
-        g, ng, _, mem, pp, at_src, at_diag, at_ij, at_ji = cls
-        m = np.zeros(ng * 9 * g * g)
-        m[at_src] = hd[mem].ravel()
+        def block_origin(src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """Flat position of each source's group block, and that block's side."""
+            c = cls_of_g[group[src]]
+            d = d_cls[c]
+            return base_cls[c] + slot[group[src]] * d * d, d
+
+        o_src, d_src = block_origin(np.arange(n))
+        r_src = 3 * loc[:, None] + k3[None, :]  # (n, 3) parameter rows within the block
+        o_pair, d_pair = block_origin(pair_i)
+        r_i = 3 * loc[pair_i][:, None] + k3[None, :]
+        r_j = 3 * loc[pair_j][:, None] + k3[None, :]
+        # Flat buffer position <- position in [hd, hp] (ravelled), computed once.
+        hp_at = (9 * n + np.arange(pair_i.size)[:, None] * 9 + k9[None, :]).ravel()
+        self._dest = np.concatenate([
+            (o_src[:, None, None] + r_src[:, :, None] * d_src[:, None, None]
+             + r_src[:, None, :]).ravel(),
+            (o_pair[:, None, None] + r_i[:, :, None] * d_pair[:, None, None]
+             + r_j[:, None, :]).ravel(),
+            (o_pair[:, None, None] + r_j[:, None, :] * d_pair[:, None, None]
+             + r_i[:, :, None]).ravel(),
+        ])
+        self._take = np.concatenate([np.arange(9 * n), hp_at, hp_at])
+        self._diag_dest = (o_src[:, None] + r_src * (d_src[:, None] + 1)).ravel()
+        self._n = n
+
+    def _buffer(self, hd: np.ndarray, hp: np.ndarray, extra: np.ndarray | None) -> np.ndarray:
+        """Every block, flat: H (and + diag(extra)) in class order."""
+        m = np.zeros(self._size)
+        m[self._dest] = np.concatenate([hd.ravel(), hp.ravel()])[self._take]
         if extra is not None:
-            m[at_diag] += extra[mem].ravel()
-        if pp.size:
-            hpp = hp[pp].ravel()
-            m[at_ij] = hpp
-            m[at_ji] = hpp
-        return m.reshape(ng, 3 * g, 3 * g)
+            m[self._diag_dest] += extra.ravel()
+        return m
 
     def solve(self, hd: np.ndarray, hp: np.ndarray, extra: np.ndarray,
               rhs: np.ndarray) -> np.ndarray:
         """Solve (H + diag(extra)) s = rhs, rhs of shape (n, 3, k); returns (n, 3, k)."""
         k = rhs.shape[2]
-        out = np.empty_like(rhs)
-        for cls in self.classes:
-            g, ng, members, mem = cls[:4]
-            m = self._matrices(cls, hd, hp, extra)
-            b = rhs[members].reshape(ng, 3 * g, k)
+        m = self._buffer(hd, hp, extra)
+        b_all = rhs[self._perm]
+        sol_all = np.empty_like(b_all)
+        for g, ng, s0, base in self.classes:
+            d = 3 * g
+            mat = m[base : base + ng * d * d].reshape(ng, d, d)
+            b = b_all[s0 : s0 + ng * g].reshape(ng, d, k)
             try:
-                sol = np.linalg.solve(m, b)
+                sol = np.linalg.solve(mat, b)
             except np.linalg.LinAlgError:
-                sol = np.linalg.pinv(m) @ b
-            out[mem] = sol.reshape(ng * g, 3, k)
+                sol = np.linalg.pinv(mat) @ b
+            sol_all[s0 : s0 + ng * g] = sol.reshape(ng * g, 3, k)
+        out = np.empty_like(rhs)
+        out[self._perm] = sol_all
         return out
 
     def inverse_diagonal(self, hd: np.ndarray, hp: np.ndarray) -> np.ndarray:
         """Diagonal of the inverse normal matrix, (n, 3); inf for sources without data."""
-        out = np.full((hd.shape[0], 3), np.inf)
-        for cls in self.classes:
-            g, ng, _, mem = cls[:4]
-            m = self._matrices(cls, hd, hp, None)
+        m_all = self._buffer(hd, hp, None)
+        diag_all = np.empty((self._n, 3))
+        for g, ng, s0, base in self.classes:
+            d = 3 * g
+            m = m_all[base : base + ng * d * d].reshape(ng, d, d)
             ok = np.all(np.diagonal(m, axis1=1, axis2=2) > 0, axis=1)
             inv = np.full_like(m, np.inf)
             if np.any(ok):
@@ -590,7 +641,9 @@ class _Blocks:
                     inv[ok] = np.linalg.inv(m[ok])
                 except np.linalg.LinAlgError:
                     inv[ok] = np.linalg.pinv(m[ok])
-            out[mem] = np.diagonal(inv, axis1=1, axis2=2).reshape(ng * g, 3)
+            diag_all[s0 : s0 + ng * g] = np.diagonal(inv, axis1=1, axis2=2).reshape(ng * g, 3)
+        out = np.empty((self._n, 3))
+        out[self._perm] = diag_all
         return np.where(np.isfinite(out), np.maximum(out, 0.0), np.inf)
 
 
