@@ -94,6 +94,15 @@ def _frame_identity(frame: BCDFrame) -> tuple[str, int, str]:
     )
 
 
+def _has_first_frame_effect(frame: BCDFrame) -> bool:
+    """Whether DCENUM 0 of this frame's array is affected (MIPS 24 um Si:As, IRAC); the MIPS
+    Ge:Ga channels (CHNLNUM 2, 3) have no first-frame effect."""
+    h = frame.header
+    if str(h.get("INSTRUME", "")).strip().upper() == "MIPS":
+        return int(h.get("CHNLNUM", 1)) == 1
+    return True
+
+
 def build_mosaic(
     frames: Sequence[BCDFrame],
     *,
@@ -116,7 +125,8 @@ def build_mosaic(
     - `pixel_arcsec`: output pixel side; default `mips.BANDS[ch].mosaic_pixel_arcsec` for
       INSTRUME='MIPS', else the frames' native scale. Ignored when `output_header` (a TAN
       header with NAXIS1/2) fixes the grid.
-    - `fatal_bits`: mask bits whose pixels carry no flux. `drop_first_dce` skips DCENUM 0.
+    - `fatal_bits`: mask bits whose pixels carry no flux. `drop_first_dce` skips DCENUM 0
+      of arrays with a first-frame effect (all but the MIPS Ge:Ga arrays, 70 and 160 um).
     - `self_flat`: divide the frames by their own median flat first (needs >= 5 frames).
     - `match_background`: subtract per-frame offsets (sum 0) levelling the overlaps.
     - `outlier_sigma`: temporal clipping threshold (None skips it); `outlier_frac` the
@@ -142,7 +152,7 @@ def build_mosaic(
         if f.data.ndim != 2 or f.unc.shape != f.data.shape or f.mask.shape != f.data.shape:
             notes.append(f"{keys[i]}: data/unc/mask shapes differ or are not 2-D; dropped")
             continue
-        if drop_first_dce and f.dcenum == 0:
+        if drop_first_dce and f.dcenum == 0 and _has_first_frame_effect(f):
             notes.append(f"{keys[i]}: DCENUM 0 (first-frame effect); dropped")
             continue
         ok = (

@@ -4,7 +4,11 @@ Like MOPEX Overlap, the offsets minimise the uncertainty-weighted differences of
 data, with sum(offsets) = 0 (the matching levels the frames but does not remove the sky).
 Overlaps are measured cheaply: the output grid is cut into coarse cells (`cell_px` output
 pixels square); the sigma-clipped mean of a frame in a cell it fully covers is one
-measurement m_fc.
+measurement m_fc. A second pass, on the corrected samples, refers each sample to the median
+of all samples at its output pixel first, so the sky's structure inside a cell (sources,
+gradients) cancels even where frames sample the cell differently (pixels much larger than
+the output grid's, e.g. MIPS 70 um, where raw cell means differ by the sources' sub-pixel
+phases and alone made the offsets noisier than the drifts they remove).
 The model m_fc = sky_c + offset_f, solved for all cells and frames by weighted least squares
 with the cell skies eliminated, gives a sparse frame-by-frame graph Laplacian (N frames x N
 frames, never pixels x pixels) solved by preconditioned conjugate gradients. A few
@@ -94,8 +98,10 @@ def cell_measurements(
     grid_shape: tuple[int, int],
     cell_px: int = 8,
     min_fill: float = 0.8,
+    reference: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per (frame, coarse cell) sigma-clipped means of the samples.
+    """Per (frame, coarse cell) sigma-clipped means of the samples (minus `reference`, one
+    value per sample, when given; NaN references drop their samples).
 
     Returns (frame index, cell index, clipped mean, weight) for every (frame, cell) that the
     frame covers to at least `min_fill` of a full cell; weight = n / mean(unc^2), the inverse
@@ -120,7 +126,8 @@ def cell_measurements(
     run = np.repeat(np.arange(bounds.size), np.diff(np.r_[bounds, frame.size]))
     key = base[run] + (cy - fy0[run]) * fw[run] + (cx - fx0[run])
     n_keys = int(base[-1])
-    mean, counts = group_clipped_means(key, samples.value, n_keys=n_keys)
+    values = samples.value if reference is None else samples.value - reference
+    mean, counts = group_clipped_means(key, values, n_keys=n_keys)
     n_all = np.bincount(key, minlength=n_keys)
     var_sum = np.bincount(key, samples.unc.astype(np.float64) ** 2, minlength=n_keys)
     var_sum = var_sum * counts / np.maximum(n_all, 1)
@@ -193,6 +200,17 @@ def solve_offsets(
     return offsets
 
 
+def pixel_median_reference(samples: Samples, *, grid_shape: tuple[int, int],
+                           min_depth: int = 2) -> np.ndarray:
+    """Per sample, the median of all samples whose footprint centre falls in the same output
+    pixel (NaN where fewer than `min_depth` frames overlap there)."""
+    ny, nx = grid_shape
+    ix = np.clip(np.floor(samples.x + 0.5).astype(np.int64), 0, nx - 1)
+    iy = np.clip(np.floor(samples.y + 0.5).astype(np.int64), 0, ny - 1)
+    _upix, med, counts, inverse = group_medians(iy * nx + ix, samples.value)
+    return np.where(counts[inverse] >= min_depth, med[inverse], np.nan)
+
+
 def match_backgrounds(
     samples: Samples,
     *,
@@ -201,8 +219,19 @@ def match_backgrounds(
     cell_px: int = 8,
     min_fill: float = 0.8,
 ) -> np.ndarray:
-    """Additive offset of each frame (input units, MJy/sr; sum 0) to subtract from it."""
+    """Additive offset of each frame (input units, MJy/sr; sum 0) to subtract from it.
+
+    Two passes: raw cell means first (robust to large offsets), then, on the corrected
+    samples, cell means of each sample minus the median at its output pixel, which removes
+    the sky's structure inside the cells from the measurements; the second pass's (small)
+    corrections are added.
+    """
+    f, c, m, w = cell_measurements(samples, grid_shape=grid_shape, cell_px=cell_px,
+                                   min_fill=min_fill)
+    offsets = solve_offsets(f, c, m, w, n_frames=n_frames)
+    corrected = samples.with_values((samples.value - offsets[samples.frame]).astype(np.float32))
     f, c, m, w = cell_measurements(
-        samples, grid_shape=grid_shape, cell_px=cell_px, min_fill=min_fill
+        corrected, grid_shape=grid_shape, cell_px=cell_px, min_fill=min_fill,
+        reference=pixel_median_reference(corrected, grid_shape=grid_shape),
     )
-    return solve_offsets(f, c, m, w, n_frames=n_frames)
+    return offsets + solve_offsets(f, c, m, w, n_frames=n_frames)

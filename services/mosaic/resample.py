@@ -11,6 +11,7 @@ the input flux.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -160,6 +161,36 @@ def _axis_overlaps(
     return first.astype(np.int64), overlaps
 
 
+def _coverage_true_footprint(x: np.ndarray, y: np.ndarray, half: np.ndarray,
+                             shape: tuple[int, int]) -> np.ndarray:
+    """Flat coverage sums (footprint overlap area per output pixel) of squares of half-side
+    `half` (any size) centred on (x, y): the frames-per-pixel count of footprints larger than
+    the drizzle kernel's cap."""
+    ny, nx = shape
+    ncell = math.ceil(2.0 * float(half.max())) + 1
+
+    def overlaps(centre: np.ndarray, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        lo, hi = centre - half, centre + half
+        first = np.floor(lo + 0.5)
+        out = []
+        for k in range(ncell):
+            cell_lo = first + k - 0.5
+            ov = np.clip(np.minimum(hi, cell_lo + 1.0) - np.maximum(lo, cell_lo), 0.0, None)
+            out.append(np.where((first + k >= 0) & (first + k < n), ov, 0.0))
+        return first.astype(np.int64), out
+
+    fx, ox = overlaps(np.asarray(x, dtype=np.float64), nx)
+    fy, oy = overlaps(np.asarray(y, dtype=np.float64), ny)
+    cov = np.zeros(ny * nx)
+    for ky in range(ncell):
+        for kx in range(ncell):
+            a = oy[ky] * ox[kx]
+            sel = np.flatnonzero(a)
+            if sel.size:
+                cov += np.bincount((fy[sel] + ky) * nx + fx[sel] + kx, a[sel], minlength=ny * nx)
+    return cov
+
+
 def drizzle(
     samples: Samples,
     grid: OutputGrid,
@@ -172,7 +203,8 @@ def drizzle(
     `sample_weight` is the coadd weight of each sample (e.g. inverse variance); `pixfrac`
     shrinks the footprint's side (1.0 = the whole pixel, the flux-conserving default).
     Footprints are limited to < 2 output pixels a side (output pixels at least half the
-    input's size).
+    input's size): a larger input pixel is drizzled with a smaller effective pixfrac, while
+    the coverage map is scattered with the true footprint, so it still counts frames.
     """
     ny, nx = grid.shape
     npix = ny * nx
@@ -180,7 +212,12 @@ def drizzle(
     inv_pf2 = 1.0 / (pixfrac * pixfrac)
     for start in range(0, samples.size, _CHUNK):
         sl = slice(start, start + _CHUNK)
-        half = np.minimum(0.5 * pixfrac * np.sqrt(samples.area_px[sl].astype(np.float64)), 0.99)
+        true_half = 0.5 * pixfrac * np.sqrt(samples.area_px[sl].astype(np.float64))
+        half = np.minimum(true_half, 0.99)
+        capped = bool(np.any(true_half > half))
+        if capped:
+            sums[3] += _coverage_true_footprint(samples.x[sl], samples.y[sl], true_half,
+                                                grid.shape) * inv_pf2
         fx, ox = _axis_overlaps(samples.x[sl], half, nx)
         fy, oy = _axis_overlaps(samples.y[sl], half, ny)
         base = fy * nx + fx
@@ -206,5 +243,6 @@ def drizzle(
                 sums[0] += np.bincount(idx, ws * a, minlength=npix)
                 sums[1] += np.bincount(idx, wvs * a, minlength=npix)
                 sums[2] += np.bincount(idx, w2s * a * a, minlength=npix)
-                sums[3] += np.bincount(idx, a * inv_pf2, minlength=npix)
+                if not capped:
+                    sums[3] += np.bincount(idx, a * inv_pf2, minlength=npix)
     return DrizzleSums(*sums)

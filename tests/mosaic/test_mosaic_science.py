@@ -151,3 +151,34 @@ def test_pixel_weighting_biases_bright_sources(field) -> None:
     m = build_mosaic(frames, weighting="pixel")
     flux, _dx, _dy = _measure(m, truth, 0)
     assert flux / truth.flux_ujy[0] < 0.97
+
+
+def test_coverage_counts_frames_when_input_pixels_are_much_larger(field) -> None:
+    """Output pixels 2.5x smaller than the input's (as MIPS 70 um: 9.98" on 4"): the drizzle
+    footprint is capped at 2 output pixels a side, yet the coverage map still counts frames
+    (total = frames x frame area)."""
+    frames, _truth = field
+    frames = frames[:6]
+    m = build_mosaic(frames, pixel_arcsec=2.55 / 2.5, match_background=False, outlier_sigma=None)
+    frame_area = 128 * 128 * 2.5**2
+    assert np.nansum(m.coverage) == pytest.approx(len(frames) * frame_area, rel=0.01)
+    assert np.nanmax(m.coverage) <= len(frames) + 1.5
+
+
+def test_first_dce_dropped_only_for_arrays_with_a_first_frame_effect(field) -> None:
+    """DCENUM 0 is skipped for MIPS 24 um (and any non-MIPS array) but used for the Ge:Ga
+    channels, which have no first-frame effect."""
+    frames, _truth = field
+
+    def relabel(f, **cards):  # type: ignore[no-untyped-def]
+        h = f.header.copy()
+        h.update(cards)
+        return dataclasses.replace(f, header=h)
+
+    four = frames[:4]
+    as24 = build_mosaic([relabel(four[0], DCENUM=0), *four[1:]], match_background=False)
+    assert as24.n_frames_used == 3
+    assert any("DCENUM 0" in note for note in as24.notes)
+    ge = [relabel(f, CHNLNUM=2) for f in four]
+    as70 = build_mosaic([relabel(ge[0], DCENUM=0), *ge[1:]], match_background=False)
+    assert as70.n_frames_used == 4
