@@ -83,25 +83,38 @@ def matched_filter(
         snr_s = snr[::step, ::step]
         valid = (weight[::step, ::step] > 0) & (den[::step, ::step] > 0)
         # Exclude the footprints of real sources (>5 sigma, grown by 2 FWHM); the few faint
-        # sources left barely move the central 68% interval of ~all pixels.
+        # sources left barely move the central 68% interval of ~all pixels. "5 sigma" is in
+        # calibrated units, so the estimate is iterated: where the unc map underestimates the
+        # noise several-fold (a mosaic resampled from much larger pixels, e.g. 70 um), a
+        # raw-unit cut would mask nearly every pixel and leave only the crowded-map fallback.
         grow = 2 * math.ceil(2 * fwhm_px / step) + 1
-        near = ndimage.maximum_filter(np.abs(snr_s) > 5.0, size=grow)
-        quiet = snr_s[valid & ~near]
-        est = 0.0
-        if quiet.size > max(100, valid.sum() // 20):
-            lo, hi = np.percentile(quiet, [15.865, 84.135])
-            est = 0.5 * (hi - lo)
-        else:
-            # A crowded (confused) map has no source-free area: the negative half of the S/N
-            # map is still noise (sources only add), and its RMS is the noise sigma.
-            neg = snr_s[valid & (snr_s < 0)]
-            if neg.size > 100:
-                est = float(np.sqrt(np.mean(neg * neg)))
-        if est > 0:
-            # Only a modest rescaling is believable: a large factor means a wrong unc map.
-            scale = float(np.clip(est, 0.2, 5.0))
+        est = 1.0
+        for _ in range(4):
+            new = _quiet_rms(snr_s, valid, grow=grow, threshold=5.0 * est)
+            if new <= 0:
+                break
+            done = abs(new - est) < 0.01 * est
+            est = new
+            if done:
+                break
+        # Only a bounded rescaling is believable: a large factor means a wrong unc map.
+        scale = float(np.clip(est, 0.2, 10.0))
     return MatchedFilter(flux=flux, snr=snr / scale, noise_scale=scale, den=den, sigma_px=sigma,
                          inv_sqrt_den=inv_sqrt)
+
+
+def _quiet_rms(snr: np.ndarray, valid: np.ndarray, *, grow: int, threshold: float) -> float:
+    """Robust RMS of an S/N map away from sources brighter than `threshold` (grown by `grow`
+    pixels); 0 when there are too few pixels to tell."""
+    near = ndimage.maximum_filter(np.abs(snr) > threshold, size=grow)
+    quiet = snr[valid & ~near]
+    if quiet.size > max(100, int(valid.sum()) // 20):
+        lo, hi = np.percentile(quiet, [15.865, 84.135])
+        return float(0.5 * (hi - lo))
+    # A crowded (confused) map has no source-free area: the negative half of the S/N map is
+    # still noise (sources only add), and its RMS is the noise sigma.
+    neg = snr[valid & (snr < 0)]
+    return float(np.sqrt(np.mean(neg * neg))) if neg.size > 100 else 0.0
 
 
 @dataclass(frozen=True, slots=True)

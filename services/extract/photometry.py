@@ -173,7 +173,8 @@ def estimate_fwhm_px(
 
     The brightest isolated peaks (S/N > 20, up to `n_sources`) are PRF-fitted together with one
     FWHM common to all (each source's flux and position free): the FWHM minimising the total
-    chi^2, bounded to 0.4-2.5 x `guess_px`. With `grid` (trial FWHMs), the chi^2 is instead
+    chi^2, bounded to 0.4-2.5 x `guess_px`, after dropping sources that fit > 5x worse than the
+    median (blends). With `grid` (trial FWHMs), the chi^2 is instead
     evaluated at each trial and its minimum located by a parabola through the best three.
     Raises `ExtractionError` when no source is bright enough.
     """
@@ -206,6 +207,7 @@ def estimate_fwhm_px(
             fwhm_px=guess_px,
             half_size=half_size,
             fwhm_range=lo_hi,
+            reject_factor=5.0,
         )
     chi2 = np.empty(trials.size)
     for k, fwhm in enumerate(trials):
@@ -269,6 +271,8 @@ def extract_sources(
     measured on the real MIPS PSF, only with `band_aperture_table=True`, i.e. when the data's
     PSF is the real MIPS one and the radius matches a tabulated one). `unc` may be None: the
     background RMS map is used instead.
+    Background cell: `background_box_arcsec`, else the MIPS band's `background_box_arcsec`
+    (70 um: the usable array's short side), else 16 FWHM.
     `vega_zero_jy` defaults to the MIPS band's zero point (magnitudes
     are NaN when there is none). `coverage` (frames per pixel) may be None; pixels with zero
     coverage, non-finite values or unc <= 0 are ignored.
@@ -315,6 +319,8 @@ def extract_sources(
     else:
         fwhm_src = "measured"
         fwhm_px = float("nan")
+    if background_box_arcsec is None and band is not None:
+        background_box_arcsec = band.background_box_arcsec
     box_px = round(background_box_arcsec / pix_arcsec) if background_box_arcsec else 0
 
     guess_px = fwhm_px if math.isfinite(fwhm_px) else 3.0

@@ -265,6 +265,7 @@ def fit_common_fwhm(
     fwhm_range: tuple[float, float] = (0.0, math.inf),
     max_iter: int = 30,
     tol: float = 1e-4,
+    reject_factor: float | None = None,
 ) -> float:
     """FWHM (pixels) of the pixel-integrated Gaussian PRF that best fits all given sources.
 
@@ -273,6 +274,9 @@ def fit_common_fwhm(
     Schur complement), i.e. the FWHM minimising the total chi^2, the sources refitted at each.
     `fwhm_px` is the start value, `fwhm_range` bounds the result; positions may move at most
     0.75 start FWHM. Stops when the relative FWHM change is below `tol`.
+    With `reject_factor`, sources whose chi^2 per degree of freedom at the result exceeds that
+    factor times the median (an unresolved blend, a saturated core: one such bright source
+    dominates the total chi^2 and widens the FWHM) are dropped and the fit is repeated once.
     """
     image = np.asarray(image, dtype=float)
     weight = np.asarray(weight, dtype=float)
@@ -331,6 +335,18 @@ def fit_common_fwhm(
             lam *= 10.0
         if not accepted or abs(ds) < tol * s:
             break
+    if reject_factor is not None and x.size >= 4:
+        r = st.data_u - total
+        chi2_src = np.sum(st.w_st * r[st.row] ** 2, axis=1)
+        dof = np.maximum(np.sum(st.w_st > 0, axis=1) - 3, 1)
+        per_dof = chi2_src / dof
+        keep = per_dof <= reject_factor * float(np.median(per_dof))
+        if 3 <= int(keep.sum()) < x.size:
+            return fit_common_fwhm(
+                image, weight, x0=np.asarray(x0)[keep], y0=np.asarray(y0)[keep],
+                flux0=np.asarray(flux0)[keep], fwhm_px=fwhm_px, half_size=half_size,
+                fwhm_range=fwhm_range, max_iter=max_iter, tol=tol,
+            )
     return s * FWHM_PER_SIGMA
 
 

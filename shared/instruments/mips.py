@@ -43,6 +43,11 @@ class MipsBand:
     #: (aperture radius ", inner sky ", outer sky ", correction) for infinite-aperture calibration
     aperture_corrections: tuple[tuple[float, float, float, float], ...]
     detector: str  #: "Si:As" or "Ge:Ga"
+    #: Background mesh cell (arcsec) for point-source extraction on this band's mosaics, when
+    #: the extractor's default (16 FWHM) would be larger than one frame's usable short side:
+    #: the cell must follow frame-scale structure (per-frame offset and responsivity
+    #: residuals on a bright sky), which otherwise adds noise on the PSF's scale. None: default.
+    background_box_arcsec: float | None = None
 
     @property
     def ujy_per_mjysr_mosaic_pixel(self) -> float:
@@ -90,6 +95,7 @@ BANDS: dict[int, MipsBand] = {
         vega_zero_jy=0.778,
         aperture_corrections=((35.0, 39.0, 65.0, 1.22),),
         detector="Ge:Ga",
+        background_box_arcsec=160.0,  # the usable half: 16 rows of 9.98"
     ),
     3: MipsBand(
         channel=3,
