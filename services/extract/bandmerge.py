@@ -34,6 +34,25 @@ def _band_fwhm(name: str, table: Table, fwhm_arcsec: Mapping[str, float] | None)
     )
 
 
+def _frames_fwhm(name: str, table: Table, frames: Sequence[BCDFrame], mosaic_fwhm: float,
+                 ) -> float:
+    """The PSF FWHM to fit on a band's BCDs: the multiframe fit's (meta MFFWHM) when the list
+    was refined on them, else the list's mosaic FWHM with the resampling broadening removed
+    (the band's calibrated PSF for a MIPS band)."""
+    from astropy.wcs import WCS
+
+    from services.extract.multiframe import frames_psf_fwhm
+
+    if "MFFWHM" in table.meta:
+        return float(table.meta["MFFWHM"])
+    band = next((bd for bd in mips.BANDS.values() if bd.name.lower() == name.lower()), None)
+    mosaic_pix = float(table.meta.get("PIXSCAL", 0.0))
+    wcs = WCS(frames[0].header, relax=True, naxis=2)
+    frame_pix = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) * 3600.0
+    return frames_psf_fwhm(mosaic_fwhm, band, frame_pixel_arcsec=frame_pix,
+                           mosaic_pixel_arcsec=mosaic_pix)
+
+
 def _tangent_offsets_arcsec(ra: np.ndarray, dec: np.ndarray, ra0: float,
                             dec0: float) -> tuple[np.ndarray, np.ndarray]:
     """Local east/north offsets (arcsec) from (ra0, dec0): flat-sky is fine over a mosaic."""
@@ -225,7 +244,8 @@ def bandmerge(
         if undetected.size and len(frames):
             # every merged position (detected in any band) is a prior for the joint fit
             ul = forced_upper_limits(ra_m[undetected], dec_m[undetected], frames,
-                                     fwhm_arcsec=fwhm[b], nsigma=nsigma, fatal_bits=fatal_bits,
+                                     fwhm_arcsec=_frames_fwhm(b, lists[b], frames, fwhm[b]),
+                                     nsigma=nsigma, fatal_bits=fatal_bits,
                                      neighbours=(ra_m[det], dec_m[det]))
             got = np.asarray(ul["n_frames"]) > 0
             sel = undetected[got]

@@ -10,8 +10,10 @@ measured from its underlying frames. ISOCAM: one CPSL point-source list per obse
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import msgspec
+from astropy.io import fits
 from astropy.table import Table
 
 from shared import fitsio
@@ -31,6 +33,10 @@ class ExtractConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: confidence for 2.5): the undetected sources of a deep field carry 1-5 sigma of real
     #: flux, measured by the forced fit, so a further 3 sigma would make limits ~2x the noise
     upper_limit_sigma: float = 2.5
+    #: refine PRF fluxes and positions on the BCDs themselves (APEX multiframe) when the
+    #: mosaic oversamples them (BCD pixel >= 1.8 mosaic pixels, e.g. MIPS 70 um): "auto",
+    #: "always" (whenever the frames are known) or "never"
+    multiframe: Literal["auto", "always", "never"] = "auto"
 
 
 def band_name(instrument: str, channel: int) -> str:
@@ -83,6 +89,7 @@ class ExtractService(Service):
             band_name=band,
             detect_sigma=self.config.detect_sigma,
         )
+        table = await self._multiframe(table, ref, header, band, ctx)
         stem = ref.key.rsplit("/", 1)[-1].removesuffix("_maic.fits")
         version = ref.version
         cards = {k: header[k] for k in ("TELESCOP", "INSTRUME", "CHNLNUM", "AORKEY") if k in header}
@@ -122,6 +129,24 @@ class ExtractService(Service):
             return
         await self._bandmerge(ref, arrival.members, ctx)
         ctx.group_done_after_publish(ref.group.id, ref.version)
+
+    async def _multiframe(
+        self, table: Table, ref: ProductRef, header: fits.Header, band: str, ctx: Context
+    ) -> Table:
+        """The table refined on the mosaic's BCDs when configured (see ExtractConfig)."""
+        from services.extract.multiframe import mosaic_oversamples_frames, refine_source_table
+        from services.extract.photometry import mips_band, pixel_scale_arcsec
+
+        mode = self.config.multiframe
+        manifest = ref.file("frames")
+        if mode == "never" or manifest is None or len(table) == 0:
+            return table
+        frames = await self._frames(manifest.key, ctx)
+        if mode == "auto" and not mosaic_oversamples_frames(frames, pixel_scale_arcsec(header)):
+            return table
+        return await ctx.run(
+            refine_source_table, table, frames, header, band=mips_band(header, band)
+        )
 
     async def _bandmerge(self, ref: ProductRef, members: dict[int, str], ctx: Context) -> None:
         from services.extract.bandmerge import bandmerge
