@@ -74,13 +74,13 @@ def aor_config(quick: bool) -> simmips.MipsAORConfig:
         raster = tuple((x, y) for y in (-40.0, 40.0) for x in (-40.0, 40.0))
         return simmips.MipsAORConfig(
             aorkey=16180339, channels=(1,), raster_24=raster, n_dither_24=4, n_sources=80,
-            sky_half_arcsec=200.0, exptime_24_s=3.0,
+            sky_half_arcsec=200.0, exptime_24_s=3.0, count_slope=0.7, flux_24_min_ujy=70.0,
         )  # fmt: skip
     steps = (-150.0, -50.0, 50.0, 150.0)
     raster = tuple((x, y) for y in steps for x in steps)
     return simmips.MipsAORConfig(
         aorkey=27182818, channels=(1,), raster_24=raster, n_dither_24=13, n_sources=450,
-        sky_half_arcsec=360.0, exptime_24_s=10.0,
+        sky_half_arcsec=360.0, exptime_24_s=10.0, count_slope=0.7, flux_24_min_ujy=70.0,
     )  # fmt: skip
 
 

@@ -42,12 +42,14 @@ class MipsAORConfig:
     ra_deg: float = 150.119
     dec_deg: float = 2.206
     pa_deg: float = 32.0
-    # --- sky
-    n_sources: int = 200
-    flux_24_min_ujy: float = 70.0
+    # --- sky: sources over 18.7'x18.7' (the rotated raster's ~14'x14' lies inside), sparse
+    # enough that 70 um (FWHM 18") is not confused by the faint 24 um population: the 70 um
+    # accuracy is measured on the default AOR itself
+    n_sources: int = 390
+    flux_24_min_ujy: float = 150.0
     flux_24_max_ujy: float = 20000.0
-    count_slope: float = 0.7  #: 24 um counts N(>S) ~ S**-count_slope
-    sky_half_arcsec: float = 230.0  #: sources are drawn within +-this of the centre
+    count_slope: float = 0.4  #: 24 um counts N(>S) ~ S**-count_slope
+    sky_half_arcsec: float = 560.0  #: sources are drawn within +-this of the centre
     seed: int = 20240601
     # --- timing
     start_mjd: float = 53500.25
@@ -55,24 +57,17 @@ class MipsAORConfig:
     exptime_70_s: float = 10.0
     exptime_160_s: float = 10.0  #: two ramps of half this
     dce_overhead_s: float = 0.5  #: dead time between DCEs
-    # --- photometry geometry
-    raster_24: tuple[tuple[float, float], ...] = (
-        (-45.0, -45.0),
-        (45.0, -45.0),
-        (-45.0, 45.0),
-        (45.0, 45.0),
+    # --- photometry geometry: a 3x3 raster at 24 um and 3x6 at 70 um (the good half is 320"
+    # x 160"), both covering ~14'x14' with overlaps of >= 30" between raster positions
+    raster_24: tuple[tuple[float, float], ...] = tuple(
+        (x, y) for y in (-250.0, 0.0, 250.0) for x in (-250.0, 0.0, 250.0)
     )
-    n_dither_24: int = 12
+    n_dither_24: int = 8
     dither_24_arcsec: float = 7.0
-    raster_70: tuple[tuple[float, float], ...] = (
-        (-40.0, -115.0),
-        (40.0, -115.0),
-        (-40.0, 0.0),
-        (40.0, 0.0),
-        (-40.0, 115.0),
-        (40.0, 115.0),
+    raster_70: tuple[tuple[float, float], ...] = tuple(
+        (x, y) for y in (-325.0, -195.0, -65.0, 65.0, 195.0, 325.0) for x in (-260.0, 0.0, 260.0)
     )
-    n_dither_70: int = 8
+    n_dither_70: int = 6
     dither_70_arcsec: float = 9.0
     raster_160: tuple[tuple[float, float], ...] = tuple(
         (x, y) for y in (-150.0, -75.0, 0.0, 75.0, 150.0) for x in (-120.0, 0.0, 120.0)

@@ -18,9 +18,11 @@ Definitions used throughout (each test's docstring states its tolerance):
 - *Match*: detection and truth are mutual nearest neighbours within FWHM/2.
 - *Unconfused*: a truth source whose neighbours add less than 5% of its own flux to its PSF
   (sum over neighbours of flux x the overlap exp(-d^2 / 4 sigma^2) of two Gaussian PSFs of
-  the band). The default sky is as dense as real 24 um counts, which at 70 um (FWHM ~20") is
-  confused: the flux, astrometry and completeness requirements are measured on unconfused
-  sources, the usual way photometric accuracy is separated from confusion noise.
+  the band). The flux, astrometry and completeness requirements are measured on unconfused
+  sources, the usual way photometric accuracy is separated from confusion noise. The default
+  sky is sparse enough (390 sources over 18.7'x18.7', flat counts above 150 uJy at 24 um)
+  that most 70 um sources (FWHM ~20") are unconfused, so both bands are tested on the
+  default AOR itself.
 - *Astrometric RMS*: per coordinate (RA*cos(Dec) and Dec), the radial RMS is also printed.
 """
 
@@ -291,7 +293,7 @@ def isolated(b: BandData, factor: float = 2.0, flux_ratio: float = 0.02) -> np.n
 # --- detections against truth ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("channel", [1])
+@pytest.mark.parametrize("channel", [1, 2])
 def test_completeness_above_true_snr_10(mips_run: PipelineRun, channel: int) -> None:
     """>= 90% of unconfused in-field truth sources with true S/N >= 10 are matched to a
     detection."""
@@ -304,16 +306,15 @@ def test_completeness_above_true_snr_10(mips_run: PipelineRun, channel: int) -> 
     n = int(sel.sum())
     frac = float(found[sel].mean())
     print(f"ch{channel} completeness S/N>=10: {frac:.3f} of {n}")
-    assert n >= (20 if channel == 1 else 8), f"only {n} truth sources with S/N >= 10"
+    assert n >= 20, f"only {n} truth sources with S/N >= 10"
     assert frac >= 0.90, (frac, np.asarray(t["id"])[sel & ~found])
 
 
 @pytest.mark.parametrize("column", ["flux", "flux_ap"])
-@pytest.mark.parametrize("channel", [1])
+@pytest.mark.parametrize("channel", [1, 2])
 def test_flux_accuracy_above_true_snr_50(mips_run: PipelineRun, channel: int, column: str) -> None:
     """For matched unconfused in-field sources with true S/N > 50: median measured/true within
-    FLUX_TOL (2% at 24 um, 5% at 70 um) of 1 and robust (MAD) scatter <= 3% (24 um) /
-    5% (70 um)."""
+    FLUX_TOL (2% at 24 um, 5% at 70 um) of 1 and robust (MAD) scatter <= 3% (both bands)."""
     b = band(mips_run, channel)
     ti, di, _ = match(b, b.sources)
     t = b.truth
@@ -321,16 +322,19 @@ def test_flux_accuracy_above_true_snr_50(mips_run: PipelineRun, channel: int, co
     ratio = np.asarray(b.sources[column])[di[sel]] / np.asarray(t["flux"])[ti[sel]]
     med, scat = float(np.median(ratio)), _mad_sigma(ratio)
     print(f"ch{channel} {column} S/N>50 (n={sel.sum()}): median {med:.4f} scatter {scat:.4f}")
-    assert sel.sum() >= (10 if channel == 1 else 4)
+    assert sel.sum() >= 10
     assert abs(med - 1.0) <= FLUX_TOL[channel], med
-    assert scat <= max(0.03, FLUX_TOL[channel]), scat
+    assert scat <= 0.03, scat
 
 
-@pytest.mark.parametrize("channel", [1])
+@pytest.mark.parametrize("channel", [1, 2])
 def test_astrometric_rms_above_true_snr_20(mips_run: PipelineRun, channel: int) -> None:
-    """Per-coordinate RMS of detection - truth positions <= 0.3" at 24 um for matched
-    unconfused in-field sources with true S/N > 20 (at 70 um, 18" PSF on 4" pixels, the
-    requirement is scaled by the FWHM ratio: 0.3" x 18/5.9)."""
+    """Matched unconfused in-field sources with true S/N > 20: per-coordinate RMS of detection
+    - truth <= 0.3" at 24 um; at 70 um (18" PSF) the 0.3" is scaled by the FWHM ratio
+    (18/5.9): a Gaussian PSF fit's position error is sqrt(2) sigma_PSF / (S/N), 0.54" per axis
+    at S/N 20, so a flat 0.3" measures the sample's S/N mix, not the pipeline (the literal 0.3"
+    is printed against). In both bands the errors must also be what the pipeline says they
+    are: RMS of (error / delta_RA or delta_Dec) <= 1.5, so positions are noise-limited."""
     b = band(mips_run, channel)
     ti, di, sep = match(b, b.sources)
     t = b.truth
@@ -340,14 +344,18 @@ def test_astrometric_rms_above_true_snr_20(mips_run: PipelineRun, channel: int) 
     de, dn = _offsets_arcsec(b.sources["RA"], b.sources["Dec"], ra0, dec0)
     de_, dn_ = (de[di] - te[ti])[sel], (dn[di] - tn[ti])[sel]
     rms_e, rms_n = float(np.sqrt(np.mean(de_**2))), float(np.sqrt(np.mean(dn_**2)))
+    chi_e = float(np.sqrt(np.mean((de_ / np.asarray(b.sources["delta_RA"])[di[sel]]) ** 2)))
+    chi_n = float(np.sqrt(np.mean((dn_ / np.asarray(b.sources["delta_Dec"])[di[sel]]) ** 2)))
     limit = 0.3 * mips.BANDS[channel].psf_fwhm_arcsec / mips.BANDS[1].psf_fwhm_arcsec
     print(
         f'ch{channel} astrometric rms S/N>20 (n={sel.sum()}): RA {rms_e:.3f}" Dec '
         f'{rms_n:.3f}" radial {float(np.sqrt(np.mean(sep[sel] ** 2))):.3f}" '
-        f'(limit {limit:.2f}")'
+        f'(limit {limit:.2f}", literal 0.3" {"met" if max(rms_e, rms_n) <= 0.3 else "not met"}); '
+        f"error / stated uncertainty RMS: RA {chi_e:.2f} Dec {chi_n:.2f}"
     )
-    assert sel.sum() >= (10 if channel == 1 else 4)
+    assert sel.sum() >= 10
     assert max(rms_e, rms_n) <= limit
+    assert max(chi_e, chi_n) <= 1.5
 
 
 @pytest.mark.parametrize("channel", [1, 2])
@@ -405,7 +413,7 @@ def _psf_weighted_flux(
     return np.sum(w * p * np.where(good, d, 0.0), axis=(1, 2)) / np.sum(w * p * p, axis=(1, 2))
 
 
-@pytest.mark.parametrize("channel", [1])
+@pytest.mark.parametrize("channel", [1, 2])
 def test_point_source_noise_model_matches_measured_uncertainties(
     mips_run: PipelineRun, channel: int
 ) -> None:
@@ -492,32 +500,62 @@ def _background_map(run: PipelineRun, b: BandData) -> np.ndarray:
     return run.sim.sky.background_mjysr(b.channel, ra, dec).reshape(ny, nx)  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("channel", [1])
+@pytest.mark.parametrize("channel", [1, 2])
 def test_mosaic_conserves_flux_of_bright_isolated_sources(
     mips_run: PipelineRun, channel: int
 ) -> None:
-    """Noiseless mosaic of the truth BCDs (same grid, weights, masks as the pipeline's):
-    aperture sum within 3 FWHM minus the true background, over truth flux x the Gaussian
-    encircled energy at that radius, has a median within 1% of 1 for bright (true S/N > 50)
-    isolated sources (no other source > 5% of the flux within 3 FWHM). The same ratio on the
-    pipeline's maic is reported (noise and calibration included) and must be within 3%."""
+    """Bright in-field truth sources (true S/N > 50, mutually > 8 FWHM apart) rendered alone
+    (no neighbours, no sky) onto every BCD of the AOR through its true WCS and mosaicked by
+    build_mosaic with the pipeline's masks, weights and grid: the aperture sum within 3 FWHM
+    over truth flux x the Gaussian encircled energy has a median within 1% of 1. At 24 um
+    the same ratio on the pipeline's maic (background subtracted, bright sources isolated:
+    no other source > 5% of the flux within 3 FWHM) must be within 3%; at 70 um, where a
+    54" aperture holds faint neighbours, it is printed."""
+    from services.mosaic.coadd import build_mosaic
+
     b = band(mips_run, channel)
     t = b.truth
-    sel = np.asarray(t["infield"]) & (np.asarray(t["snr"]) > 50) & isolated(b, 3.0, 0.05)
+    sim = mips_run.sim
+    cand = np.flatnonzero(np.asarray(t["infield"]) & (np.asarray(t["snr"]) > 50))
+    e, n = _offsets_arcsec(t["ra"], t["dec"], float(np.mean(t["ra"])), float(np.mean(t["dec"])))
+    chosen: list[int] = []
+    for c in cand[np.argsort(-np.asarray(t["flux"])[cand])]:
+        if all(math.hypot(e[c] - e[k], n[c] - n[k]) > 8 * b.fwhm_arcsec for k in chosen):
+            chosen.append(int(c))
+    alone = skymod.Sky(
+        sim.sky.ra0_deg,  # type: ignore[attr-defined]
+        sim.sky.dec0_deg,  # type: ignore[attr-defined]
+        sim.sky.sources[chosen],  # type: ignore[attr-defined]
+        sim.sky.background,  # type: ignore[attr-defined]
+    )
+    rendered = []
+    for fr in b.frames:
+        wcs = sim.truth_wcs(channel, int(fr.header["EXPID"]), fr.dcenum)  # type: ignore[attr-defined]
+        img = skymod.render(alone, channel, wcs, fr.data.shape, include_background=False)
+        rendered.append(BCDFrame(img.astype(np.float32), fr.unc, fr.mask, fr.header, fr.key))
+    m = build_mosaic(rendered, output_header=b.header, match_background=False, outlier_sigma=None)
     r = 3.0 * b.fwhm_arcsec / b.pix_arcsec
     ee = skymod.gaussian_encircled_energy(3.0 * b.fwhm_arcsec, b.fwhm_arcsec)
-    bg = _background_map(mips_run, b)
-    x, y = np.asarray(t["x"])[sel], np.asarray(t["y"])[sel]
-    expect = np.asarray(t["flux"])[sel] * ee
-    ideal = _aperture_sums(b.ideal - bg, x, y, r) * b.ujy_per_pix / expect
-    maic = _aperture_sums(b.image - bg, x, y, r) * b.ujy_per_pix / expect
-    print(
-        f"ch{channel} mosaic flux conservation (n={sel.sum()}): noiseless "
-        f"{np.median(ideal):.4f} (scatter {_mad_sigma(ideal):.4f}), maic {np.median(maic):.4f}"
+    x, y = np.asarray(t["x"])[chosen], np.asarray(t["y"])[chosen]
+    alone_ratio = (
+        _aperture_sums(m.image, x, y, r) * b.ujy_per_pix / (np.asarray(t["flux"])[chosen] * ee)
     )
-    assert sel.sum() >= 1
-    assert abs(float(np.median(ideal)) - 1.0) <= 0.01
-    assert abs(float(np.median(maic)) - 1.0) <= 0.03
+    sel = np.asarray(t["infield"]) & (np.asarray(t["snr"]) > 50) & isolated(b, 3.0, 0.05)
+    xs, ys = np.asarray(t["x"])[sel], np.asarray(t["y"])[sel]
+    maic = (
+        _aperture_sums(b.image - _background_map(mips_run, b), xs, ys, r) * b.ujy_per_pix
+        / (np.asarray(t["flux"])[sel] * ee)
+    )
+    print(
+        f"ch{channel} mosaic flux conservation (n={len(chosen)} alone): "
+        f"{np.median(alone_ratio):.4f} (scatter {_mad_sigma(alone_ratio):.4f}); "
+        f"maic, isolated (n={sel.sum()}): {np.median(maic) if sel.any() else float('nan'):.4f}"
+    )
+    assert len(chosen) >= 5
+    assert abs(float(np.median(alone_ratio)) - 1.0) <= 0.01
+    if channel == 1:
+        assert sel.sum() >= 5
+        assert abs(float(np.median(maic)) - 1.0) <= 0.03
 
 
 @pytest.mark.parametrize("channel", [1, 2])
@@ -525,8 +563,8 @@ def test_background_matching_recovers_injected_offsets(mips_run: PipelineRun, ch
     """Known per-frame offsets (+-5 x the median pixel unc, seeded) added to the pipeline's
     BCDs (which have none: the simulator adds no per-frame offset): build_mosaic's solved
     offsets equal the injected ones minus their mean within 0.5 x the median pixel unc (max over
-    frames). The solve is linear, so the error is that of the offsets solved without injection
-    (noise, sources, sky gradient), which are also printed."""
+    frames). The error is about that of the offsets solved without injection (noise, sources,
+    sky gradient), which are also printed."""
     from services.mosaic.coadd import build_mosaic
 
     b = band(mips_run, channel)
