@@ -271,8 +271,8 @@ def extract_sources(
     measured on the real MIPS PSF, only with `band_aperture_table=True`, i.e. when the data's
     PSF is the real MIPS one and the radius matches a tabulated one). `unc` may be None: the
     background RMS map is used instead.
-    Background cell: `background_box_arcsec`, else the MIPS band's `background_box_arcsec`
-    (70 um: the usable array's short side), else 16 FWHM.
+    Background cell: `background_box_arcsec`, else 16 FWHM (fewer on small images) but at most
+    the MIPS band's `background_box_arcsec` (70 um: the usable array's short side).
     `vega_zero_jy` defaults to the MIPS band's zero point (magnitudes
     are NaN when there is none). `coverage` (frames per pixel) may be None; pixels with zero
     coverage, non-finite values or unc <= 0 are ignored.
@@ -319,12 +319,13 @@ def extract_sources(
     else:
         fwhm_src = "measured"
         fwhm_px = float("nan")
-    if background_box_arcsec is None and band is not None:
-        background_box_arcsec = band.background_box_arcsec
     box_px = round(background_box_arcsec / pix_arcsec) if background_box_arcsec else 0
+    # The band's cell is an upper bound on the default (frame-scale structure must be followed).
+    band_box_px = (round(band.background_box_arcsec / pix_arcsec)
+                   if band is not None and band.background_box_arcsec else 0)
 
     guess_px = fwhm_px if math.isfinite(fwhm_px) else 3.0
-    box = box_px or _default_box(guess_px, img.shape)
+    box = box_px or min(_default_box(guess_px, img.shape), band_box_px or img.size)
     bkg, rms = estimate_background(img, mask=~valid, box_px=box)
     sub = np.where(valid, img - bkg, 0.0)
     if fwhm_src == "MIPS band":
