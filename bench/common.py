@@ -123,7 +123,7 @@ def sky_of(cfg: simmips.MipsAORConfig) -> skymod.Sky:
     return skymod.make_sky(
         ra_deg=cfg.ra_deg, dec_deg=cfg.dec_deg, half_size_arcsec=cfg.sky_half_arcsec,
         n_sources=cfg.n_sources, flux_24_min_ujy=cfg.flux_24_min_ujy,
-        flux_24_max_ujy=cfg.flux_24_max_ujy, seed=cfg.seed + 1,
+        flux_24_max_ujy=cfg.flux_24_max_ujy, seed=cfg.seed + 1, count_slope=cfg.count_slope,
     )  # fmt: skip
 
 

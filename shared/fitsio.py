@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterable, Sequence
 
 from astropy.io import fits
@@ -61,3 +62,17 @@ def read_bintable(
     if missing:
         raise error(f"{what} lacks columns {missing}; expected {tuple(required)}")
     return table
+
+
+#: The keywords a celestial (TAN-SIP, TPV, ...) WCS is built from.
+_WCS_KEYWORD = re.compile(
+    r"^(NAXIS\d*|WCSAXES|CTYPE\d|CRVAL\d|CRPIX\d|CDELT\d|CUNIT\d|CD\d_\d|PC\d_\d|CROTA\d"
+    r"|PV\d_\d+|PS\d_\d+|LONPOLE|LATPOLE|RADESYS|EQUINOX|EPOCH|(A|B|AP|BP)_\w+|MJD-OBS"
+    r"|DATE-OBS|MJDREF\w*)$"
+)
+
+
+def wcs_cards(header: fits.Header) -> fits.Header:
+    """Only the WCS keywords of `header` (primary WCS, SIP and PV distortions): astropy's WCS
+    parses these ~10-20x faster than a whole Spitzer header of hundreds of cards."""
+    return fits.Header([c for c in header.cards if _WCS_KEYWORD.match(c.keyword)])

@@ -11,6 +11,7 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from services.extract.upperlimits import UPPER_LIMIT_CONVENTION, forced_upper_limits
+from shared import fitsio
 from shared.bcd import BCDFrame
 from shared.instruments import mips
 
@@ -47,7 +48,7 @@ def _frames_fwhm(name: str, table: Table, frames: Sequence[BCDFrame], mosaic_fwh
         return float(table.meta["MFFWHM"])
     band = next((bd for bd in mips.BANDS.values() if bd.name.lower() == name.lower()), None)
     mosaic_pix = float(table.meta.get("PIXSCAL", 0.0))
-    wcs = WCS(frames[0].header, relax=True, naxis=2)
+    wcs = WCS(fitsio.wcs_cards(frames[0].header), relax=True, naxis=2)
     frame_pix = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) * 3600.0
     return frames_psf_fwhm(mosaic_fwhm, band, frame_pixel_arcsec=frame_pix,
                            mosaic_pixel_arcsec=mosaic_pix)

@@ -30,6 +30,7 @@ from scipy import sparse
 from scipy.sparse import linalg as splinalg
 
 from services.extract.prf import pixel_integrated_gaussian_1d, sigma_from_fwhm
+from shared import fitsio
 from shared.bcd import BCDFrame
 from shared.instruments import mips
 
@@ -78,7 +79,7 @@ def mosaic_oversamples_frames(frames: Sequence[BCDFrame], mosaic_pixel_arcsec: f
     recovers what the mosaic's resampling blurs)."""
     if not frames or mosaic_pixel_arcsec <= 0:
         return False
-    wcs = WCS(frames[0].header, relax=True, naxis=2)
+    wcs = WCS(fitsio.wcs_cards(frames[0].header), relax=True, naxis=2)
     pix = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) * 3600.0
     return pix >= factor * mosaic_pixel_arcsec
 
@@ -105,7 +106,7 @@ def _frame_geometry(frame: BCDFrame, fatal_bits: int) -> _FrameGeometry:
     good = (np.isfinite(data) & np.isfinite(unc) & (unc > 0)
             & ((np.asarray(frame.mask) & fatal_bits) == 0))
     weight = np.where(good, 1.0 / np.where(good, unc, 1.0) ** 2, 0.0)
-    wcs = WCS(frame.header, relax=True, naxis=2)
+    wcs = WCS(fitsio.wcs_cards(frame.header), relax=True, naxis=2)
     pix = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) * 3600.0
     return _FrameGeometry(wcs, np.where(good, data, 0.0).ravel(), weight.ravel(),
                           (int(data.shape[0]), int(data.shape[1])), pix)
@@ -371,10 +372,10 @@ def refine_source_table(table: Table, frames: Sequence[BCDFrame], header: fits.H
     out = table.copy()
     if len(out) == 0 or not frames:
         return out
-    wcs = WCS(header, naxis=2)
+    wcs = WCS(fitsio.wcs_cards(header), naxis=2)
     mosaic_pix = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) * 3600.0
     frame_pix = float(np.sqrt(abs(np.linalg.det(
-        WCS(frames[0].header, relax=True, naxis=2).pixel_scale_matrix)))) * 3600.0
+        WCS(fitsio.wcs_cards(frames[0].header), relax=True, naxis=2).pixel_scale_matrix)))) * 3600.0
     fwhm = frames_psf_fwhm(float(out.meta.get("FWHM", 0.0)), band,
                            frame_pixel_arcsec=frame_pix, mosaic_pixel_arcsec=mosaic_pix)
     fit = refine_on_frames(np.asarray(out["RA"], float), np.asarray(out["Dec"], float),

@@ -20,6 +20,7 @@ from services.extract.prf import (
     pixel_integrated_gaussian_1d,
     sigma_from_fwhm,
 )
+from shared import fitsio
 from shared.instruments import mips
 
 #: uJy per (MJy/sr x arcsec^2): 1 MJy/sr = 1e12 uJy / 4.254517e10 arcsec^2 (seed 001).
@@ -38,8 +39,9 @@ def pixel_scale_arcsec(header: fits.Header | Mapping[str, object]) -> float:
 
 
 def _celestial_wcs(header: fits.Header | Mapping[str, object]) -> WCS:
-    """The celestial WCS of a header (built once per extraction: parsing costs ~ms)."""
-    wcs = WCS(fits.Header(header) if not isinstance(header, fits.Header) else header, naxis=2)
+    """The celestial WCS of a header (its WCS keywords only: built once per extraction)."""
+    full = fits.Header(header) if not isinstance(header, fits.Header) else header
+    wcs = WCS(fitsio.wcs_cards(full), naxis=2)
     if not wcs.has_celestial:
         raise ExtractionError("header has no celestial WCS: CTYPE1/2, CRVAL, CD or CDELT needed")
     return wcs.celestial

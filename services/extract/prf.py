@@ -342,10 +342,11 @@ def fit_common_fwhm(
         per_dof = chi2_src / dof
         keep = per_dof <= reject_factor * float(np.median(per_dof))
         if 3 <= int(keep.sum()) < x.size:
+            # warm start from this fit: a few iterations move the FWHM off the blend's pull
             return fit_common_fwhm(
-                image, weight, x0=np.asarray(x0)[keep], y0=np.asarray(y0)[keep],
-                flux0=np.asarray(flux0)[keep], fwhm_px=fwhm_px, half_size=half_size,
-                fwhm_range=fwhm_range, max_iter=max_iter, tol=tol,
+                image, weight, x0=x[keep], y0=y[keep], flux0=flux[keep],
+                fwhm_px=s * FWHM_PER_SIGMA, half_size=half_size, fwhm_range=fwhm_range,
+                max_iter=max_iter, tol=tol,
             )
     return s * FWHM_PER_SIGMA
 

@@ -10,6 +10,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from services.extract.prf import pixel_integrated_gaussian_1d, sigma_from_fwhm
+from shared import fitsio
 from shared.bcd import BCDFrame
 from shared.instruments import mips
 
@@ -143,7 +144,7 @@ def _accumulate_frame(
             f"frame {frame.key or '(memory)'}: data, unc and mask shapes differ"
         )
     ny, nx = data.shape
-    wcs = WCS(frame.header, relax=True, naxis=2)
+    wcs = WCS(fitsio.wcs_cards(frame.header), relax=True, naxis=2)
     x, y = wcs.all_world2pix(ra, dec, 0)
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
@@ -227,7 +228,7 @@ def _accumulate_frame_joint(
             f"frame {frame.key or '(memory)'}: data, unc and mask shapes differ"
         )
     ny, nx = data.shape
-    wcs = WCS(frame.header, relax=True, naxis=2)
+    wcs = WCS(fitsio.wcs_cards(frame.header), relax=True, naxis=2)
     x, y = (np.asarray(v, dtype=float) for v in wcs.all_world2pix(ra, dec, 0))
     pix_area = _frame_pixel_area_arcsec2(wcs, np.array([nx / 2.0]), np.array([ny / 2.0]))[0]
     pix = math.sqrt(pix_area)
