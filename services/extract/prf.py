@@ -274,9 +274,10 @@ def fit_common_fwhm(
     Schur complement), i.e. the FWHM minimising the total chi^2, the sources refitted at each.
     `fwhm_px` is the start value, `fwhm_range` bounds the result; positions may move at most
     0.75 start FWHM. Stops when the relative FWHM change is below `tol`.
-    With `reject_factor`, sources whose chi^2 per degree of freedom at the result exceeds that
-    factor times the median (an unresolved blend, a saturated core: one such bright source
-    dominates the total chi^2 and widens the FWHM) are dropped and the fit is repeated once.
+    With `reject_factor`, sources whose own preferred width (a step in sigma on their stamp
+    alone) lies more than that factor times the steps' robust spread (and 2%) from the median
+    (an unresolved blend, a saturated core: one such bright source dominates the total chi^2
+    and widens the FWHM) are dropped and the fit is repeated once.
     """
     image = np.asarray(image, dtype=float)
     weight = np.asarray(weight, dtype=float)
@@ -336,11 +337,16 @@ def fit_common_fwhm(
         if not accepted or abs(ds) < tol * s:
             break
     if reject_factor is not None and x.size >= 4:
+        # Each source's preferred PSF width: one Gauss-Newton step in sigma alone on its own
+        # stamp. A blend (or a saturated core) wants a wider PSF than the rest; drop the
+        # sources whose step is an outlier of the steps' robust spread.
         r = st.data_u - total
-        chi2_src = np.sum(st.w_st * r[st.row] ** 2, axis=1)
-        dof = np.maximum(np.sum(st.w_st > 0, axis=1) - 3, 1)
-        per_dof = chi2_src / dof
-        keep = per_dof <= reject_factor * float(np.median(per_dof))
+        jac_s = flux[:, None] * dps
+        step_s = np.sum(st.w_st * r[st.row] * jac_s, axis=1) / np.maximum(
+            np.sum(st.w_st * jac_s * jac_s, axis=1), 1e-300)
+        med = float(np.median(step_s))
+        spread = 1.4826 * float(np.median(np.abs(step_s - med)))
+        keep = np.abs(step_s - med) <= max(reject_factor * spread, 0.02 * s)
         if 3 <= int(keep.sum()) < x.size:
             # warm start from this fit: a few iterations move the FWHM off the blend's pull
             return fit_common_fwhm(
