@@ -15,7 +15,7 @@ import msgspec
 import numpy as np
 
 from shared import fitsio
-from shared.errors import Skip
+from shared.errors import Skip, Transient
 from shared.messages import Envelope, Group, ObsId, ProductRef
 from shared.runtime import Context, ProductFile, ProductOut, Service
 from shared.subjects import Level
@@ -28,6 +28,11 @@ class CalibrateConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     first_dce_depression: float = 0.12
     #: MIPS DCENUM 1..2 response depression, fraction (~2%).
     early_dce_depression: float = 0.02
+    #: MIPS DCEs wait (retried with back-off, then dead-lettered with the reason) until their
+    #: channel's DARK and FLAT are registered, instead of being calibrated without them when
+    #: they arrive before the calibration files; false calibrates without (steps SKIPPED,
+    #: pixels flagged NO_CALIBRATION).
+    require_calibration: bool = True
     #: TAUVEX levels kept in the store (1a comes from decode; 1g is needed by mosaic).
     tauvex_keep_levels: tuple[str, ...] = ("1g",)
 
@@ -70,6 +75,14 @@ class CalibrateService(Service):
         from services.calibrate.mips.calfiles import MipsCalibration
 
         keys = await ctx.calibration.lookup("MIPS", channel)
+        missing = [t for t in ("DARK", "FLAT") if t not in keys]
+        if missing and self.config.require_calibration:
+            raise Transient(
+                f"MIPS channel {channel}: no {' and '.join(missing)} calibration registered yet; "
+                "the DCE is retried and then dead-lettered: submit the calibration files "
+                "(e.g. `skybus run` on a directory holding them), then replay, or set calibrate "
+                "require_calibration=false to calibrate without them"
+            )
         cache_key = (channel, tuple(sorted(keys.items())))
         if cache_key not in self._cal_cache:
             hdus = [await ctx.read_fits(k) for k in keys.values()]

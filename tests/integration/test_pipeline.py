@@ -133,3 +133,54 @@ def test_scan_map_with_three_bands(tmp_path: Path) -> None:
         assert f"flag_{band}" in table.colnames
         assert set(table[f"flag_{band}"]) <= {"D", "U", "N"}
     assert (table["flag_160um"] == "D").sum() >= 1
+
+
+def test_dces_wait_for_their_calibration_files(tmp_path: Path) -> None:
+    """Telemetry submitted before its calibration files: calibrate retries the DCEs (it does not
+    calibrate them without DARK and FLAT) and, once the files are submitted, every BCD is made
+    with both applied; nothing is dead-lettered."""
+    import asyncio
+
+    from shared import bus, subjects
+    from shared.cli import pipeline, submit_and_wait
+    from simulator import mips
+
+    sim = mips.simulate_aor(mips.MipsAORConfig.small(channels=(1,)))
+    tele, cal = tmp_path / "telemetry", tmp_path / "calibration"
+    tele.mkdir()
+    cal.mkdir()
+    (tele / "aor.tlm").write_bytes(sim.telemetry)
+    for hdul in sim.calibration:
+        hdul.writeto(cal / str(hdul[0].header["FILENAME"]))
+
+    async def go() -> tuple[object, int]:
+        async with pipeline(tmp_path / "data", calibrate_workers=1) as (url, store):
+            first = asyncio.create_task(
+                submit_and_wait(url, store, [str(tele)], out_dir=None, quiet=True, timeout_s=300)
+            )
+            nc = await bus.connect(url, name="test", reconnect_forever=False)
+            js = nc.jetstream()
+            stream = subjects.stream_name(subjects.SERVICE_INPUT["calibrate"])
+            redelivered = 0
+            for _ in range(120):  # until calibrate has had to put a DCE back
+                await asyncio.sleep(0.25)
+                try:
+                    info = await js.consumer_info(stream, subjects.durable_name("calibrate"))
+                except Exception:
+                    continue
+                redelivered = int(info.num_redelivered)
+                if redelivered:
+                    break
+            await submit_and_wait(url, store, [str(cal)], out_dir=None, quiet=True, timeout_s=120)
+            watch = await first
+            await nc.close()
+            return watch, redelivered
+
+    watch, redelivered = asyncio.run(go())
+    assert redelivered >= 1  # the waiting path was exercised
+    assert not watch.dead, [d.reason for d in watch.dead]  # type: ignore[attr-defined]
+    bcds = [p for p in watch.products if p.product_type == "bcd"]  # type: ignore[attr-defined]
+    assert len(bcds) == len(sim.raw_dces)  # type: ignore[attr-defined]
+    for ref in bcds:
+        h = fits.getheader(tmp_path / "data" / "store" / ref.key)
+        assert h["DARKSUB"] == "COMPLETE" and h["FLATFLD"] == "COMPLETE", ref.key
