@@ -180,9 +180,10 @@ def refine_on_frames(
         diag = normal.diagonal()
         ridge = sparse.diags(np.where(diag > 0, 1e-10 * diag, 1.0))
         try:
-            step = splinalg.spsolve((normal + ridge).tocsc(), rhs)
+            lu = splinalg.splu((normal + ridge).tocsc())
         except RuntimeError:
             return unconverged
+        step = lu.solve(np.asarray(rhs, dtype=float))
         d_flux, d_east, d_north = step[:n], step[n : 2 * n], step[2 * n : 3 * n]
         # Damping: no position step beyond a quarter of the FWHM per iteration.
         lim = 0.25 * fwhm_arcsec
@@ -192,8 +193,7 @@ def refine_on_frames(
         north = north + scale * d_north
         chi2_dof = chi2 / max(ndata - npar, 1)
         if it == iterations - 1:
-            inv = splinalg.inv((normal + ridge).tocsc())
-            cov_diag = np.asarray(inv.diagonal())[: 3 * n]
+            cov_diag = _inverse_diagonal(lu, npar, 3 * n)
     scale_err = math.sqrt(max(chi2_dof, 1.0)) if np.isfinite(chi2_dof) else 1.0
     err = np.sqrt(np.clip(cov_diag, 0.0, None)) * scale_err
     new_ra, new_dec = _shift(ra0, dec0, east, north)
@@ -211,6 +211,19 @@ def refine_on_frames(
         chi2_dof=float(chi2_dof),
         converged=ok,
     )
+
+
+def _inverse_diagonal(lu: splinalg.SuperLU, size: int, first: int, chunk: int = 256,
+                      ) -> np.ndarray:
+    """The first `first` diagonal entries of the inverse of the factored matrix (the source
+    parameters' variances), solving for identity columns in chunks: never the dense inverse."""
+    out = np.empty(first)
+    for start in range(0, first, chunk):
+        stop = min(start + chunk, first)
+        cols = np.zeros((size, stop - start))
+        cols[np.arange(start, stop), np.arange(stop - start)] = 1.0
+        out[start:stop] = lu.solve(cols)[np.arange(start, stop), np.arange(stop - start)]
+    return out
 
 
 _System = tuple[sparse.csr_matrix, np.ndarray, float, int, np.ndarray, list[np.ndarray | None]]
