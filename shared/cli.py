@@ -255,7 +255,9 @@ async def submit_and_wait(
                     flush=True,
                 )
                 last_print = now
-            seen = bool(watch.products or watch.dead)
+            # A submission that yields no product message (calibration files only) is done
+            # once the pipeline has been idle for 2 s, at least 5 s after it was published.
+            seen = bool(watch.products or watch.dead) or now - t0 > 5.0
             if seen and await _pipeline_idle(js, t0):
                 idle_since = idle_since or now
                 if now - idle_since > 2.0:

@@ -140,6 +140,7 @@ def test_dces_wait_for_their_calibration_files(tmp_path: Path) -> None:
     calibrate them without DARK and FLAT) and, once the files are submitted, every BCD is made
     with both applied; nothing is dead-lettered."""
     import asyncio
+    import time
 
     from shared import bus, subjects
     from shared.cli import pipeline, submit_and_wait
@@ -153,7 +154,7 @@ def test_dces_wait_for_their_calibration_files(tmp_path: Path) -> None:
     for hdul in sim.calibration:
         hdul.writeto(cal / str(hdul[0].header["FILENAME"]))
 
-    async def go() -> tuple[object, int]:
+    async def go() -> tuple[object, int, float]:
         async with pipeline(tmp_path / "data", calibrate_workers=1) as (url, store):
             first = asyncio.create_task(
                 submit_and_wait(url, store, [str(tele)], out_dir=None, quiet=True, timeout_s=300)
@@ -171,13 +172,17 @@ def test_dces_wait_for_their_calibration_files(tmp_path: Path) -> None:
                 redelivered = int(info.num_redelivered)
                 if redelivered:
                     break
+            t0 = time.monotonic()
             await submit_and_wait(url, store, [str(cal)], out_dir=None, quiet=True, timeout_s=120)
+            cal_s = time.monotonic() - t0
             watch = await first
             await nc.close()
-            return watch, redelivered
+            return watch, redelivered, cal_s
 
-    watch, redelivered = asyncio.run(go())
+    watch, redelivered, cal_s = asyncio.run(go())
     assert redelivered >= 1  # the waiting path was exercised
+    # a submission of calibration files only (no product message) returns once idle
+    assert cal_s < 60.0, cal_s
     assert not watch.dead, [d.reason for d in watch.dead]  # type: ignore[attr-defined]
     bcds = [p for p in watch.products if p.product_type == "bcd"]  # type: ignore[attr-defined]
     assert len(bcds) == len(sim.raw_dces)  # type: ignore[attr-defined]
