@@ -13,6 +13,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
 
+from shared import fitsio
+
 
 @dataclass(frozen=True, slots=True)
 class BCDFrame:
@@ -33,7 +35,27 @@ class BCDFrame:
 
     @property
     def wcs(self) -> WCS:
-        return WCS(self.header, relax=True)
+        """The frame's celestial WCS (TAN-SIP), parsed from its WCS keywords only."""
+        return WCS(fitsio.wcs_cards(self.header), relax=True, naxis=2)
+
+    @property
+    def has_consistent_arrays(self) -> bool:
+        """data is 2-D and unc and mask have its shape."""
+        return (
+            np.ndim(self.data) == 2
+            and np.shape(self.unc) == np.shape(self.data)
+            and np.shape(self.mask) == np.shape(self.data)
+        )
+
+    def usable_pixels(self, fatal_bits: int) -> np.ndarray:
+        """Pixels that carry flux: finite data, finite unc > 0 and none of `fatal_bits`."""
+        unc = np.asarray(self.unc)
+        return (
+            np.isfinite(self.data)
+            & np.isfinite(unc)
+            & (unc > 0)
+            & ((np.asarray(self.mask).astype(np.int64) & int(fatal_bits)) == 0)
+        )
 
     @property
     def dcenum(self) -> int:

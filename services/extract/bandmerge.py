@@ -11,7 +11,6 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from services.extract.upperlimits import UPPER_LIMIT_CONVENTION, forced_upper_limits
-from shared import fitsio
 from shared.bcd import BCDFrame
 from shared.instruments import mips
 
@@ -27,9 +26,9 @@ def _band_fwhm(name: str, table: Table, fwhm_arcsec: Mapping[str, float] | None)
         return float(fwhm_arcsec[name])
     if "FWHM" in table.meta:
         return float(table.meta["FWHM"])
-    for band in mips.BANDS.values():
-        if band.name.lower() == name.lower():
-            return band.psf_fwhm_arcsec
+    band = mips.band_named(name)
+    if band is not None:
+        return band.psf_fwhm_arcsec
     raise BandmergeError(
         f"no PSF FWHM for band {name!r}: pass fwhm_arcsec={{{name!r}: ...}} or set meta FWHM"
     )
@@ -40,18 +39,14 @@ def _frames_fwhm(name: str, table: Table, frames: Sequence[BCDFrame], mosaic_fwh
     """The PSF FWHM to fit on a band's BCDs: the multiframe fit's (meta MFFWHM) when the list
     was refined on them, else the list's mosaic FWHM with the resampling broadening removed
     (the band's calibrated PSF for a MIPS band)."""
-    from astropy.wcs import WCS
-
     from services.extract.multiframe import frames_psf_fwhm
+    from services.extract.photometry import wcs_pixel_scale_arcsec
 
     if "MFFWHM" in table.meta:
         return float(table.meta["MFFWHM"])
-    band = next((bd for bd in mips.BANDS.values() if bd.name.lower() == name.lower()), None)
-    mosaic_pix = float(table.meta.get("PIXSCAL", 0.0))
-    wcs = WCS(fitsio.wcs_cards(frames[0].header), relax=True, naxis=2)
-    frame_pix = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) * 3600.0
-    return frames_psf_fwhm(mosaic_fwhm, band, frame_pixel_arcsec=frame_pix,
-                           mosaic_pixel_arcsec=mosaic_pix)
+    return frames_psf_fwhm(mosaic_fwhm, mips.band_named(name),
+                           frame_pixel_arcsec=wcs_pixel_scale_arcsec(frames[0].wcs),
+                           mosaic_pixel_arcsec=float(table.meta.get("PIXSCAL", 0.0)))
 
 
 def _tangent_offsets_arcsec(ra: np.ndarray, dec: np.ndarray, ra0: float,

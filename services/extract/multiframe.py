@@ -29,6 +29,7 @@ from astropy.wcs import WCS
 from scipy import sparse
 from scipy.sparse import linalg as splinalg
 
+from services.extract.photometry import vega_magnitude, wcs_pixel_scale_arcsec
 from services.extract.prf import pixel_integrated_gaussian_1d, sigma_from_fwhm
 from shared import fitsio
 from shared.bcd import BCDFrame
@@ -79,15 +80,7 @@ def mosaic_oversamples_frames(frames: Sequence[BCDFrame], mosaic_pixel_arcsec: f
     recovers what the mosaic's resampling blurs)."""
     if not frames or mosaic_pixel_arcsec <= 0:
         return False
-    wcs = WCS(fitsio.wcs_cards(frames[0].header), relax=True, naxis=2)
-    pix = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) * 3600.0
-    return pix >= factor * mosaic_pixel_arcsec
-
-
-def _offsets(ra: np.ndarray, dec: np.ndarray, ra0: np.ndarray, dec0: np.ndarray,
-             ) -> tuple[np.ndarray, np.ndarray]:
-    dra = (ra - ra0 + 180.0) % 360.0 - 180.0
-    return dra * np.cos(np.radians(dec0)) * 3600.0, (dec - dec0) * 3600.0
+    return wcs_pixel_scale_arcsec(frames[0].wcs) >= factor * mosaic_pixel_arcsec
 
 
 def _shift(ra: np.ndarray, dec: np.ndarray, east: np.ndarray, north: np.ndarray,
@@ -98,18 +91,16 @@ def _shift(ra: np.ndarray, dec: np.ndarray, east: np.ndarray, north: np.ndarray,
 
 
 def _frame_geometry(frame: BCDFrame, fatal_bits: int) -> _FrameGeometry:
-    data = np.asarray(frame.data, dtype=float)
-    unc = np.asarray(frame.unc, dtype=float)
-    if data.shape != unc.shape or data.shape != frame.mask.shape or data.ndim != 2:
+    if not frame.has_consistent_arrays:
         raise MultiframeError(f"frame {frame.key or '(memory)'}: data, unc and mask shapes "
                               "differ or are not 2-D")
-    good = (np.isfinite(data) & np.isfinite(unc) & (unc > 0)
-            & ((np.asarray(frame.mask) & fatal_bits) == 0))
+    data = np.asarray(frame.data, dtype=float)
+    unc = np.asarray(frame.unc, dtype=float)
+    good = frame.usable_pixels(fatal_bits)
     weight = np.where(good, 1.0 / np.where(good, unc, 1.0) ** 2, 0.0)
-    wcs = WCS(fitsio.wcs_cards(frame.header), relax=True, naxis=2)
-    pix = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) * 3600.0
+    wcs = frame.wcs
     return _FrameGeometry(wcs, np.where(good, data, 0.0).ravel(), weight.ravel(),
-                          (int(data.shape[0]), int(data.shape[1])), pix)
+                          (int(data.shape[0]), int(data.shape[1])), wcs_pixel_scale_arcsec(wcs))
 
 
 def refine_on_frames(
@@ -380,15 +371,12 @@ def refine_source_table(table: Table, frames: Sequence[BCDFrame], header: fits.H
     on `frames` (the BCDs the mosaic `header` was made from); aperture fluxes stay. Meta gains
     PRFMODE = 'MULTIFRAME', MFFWHM (the PSF FWHM fitted, arcsec), MFCHI2 and MFNCONV (sources
     refined; the others keep their mosaic values)."""
-    from services.extract.photometry import vega_magnitude
-
     out = table.copy()
     if len(out) == 0 or not frames:
         return out
     wcs = WCS(fitsio.wcs_cards(header), naxis=2)
-    mosaic_pix = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) * 3600.0
-    frame_pix = float(np.sqrt(abs(np.linalg.det(
-        WCS(fitsio.wcs_cards(frames[0].header), relax=True, naxis=2).pixel_scale_matrix)))) * 3600.0
+    mosaic_pix = wcs_pixel_scale_arcsec(wcs)
+    frame_pix = wcs_pixel_scale_arcsec(frames[0].wcs)
     fwhm = frames_psf_fwhm(float(out.meta.get("FWHM", 0.0)), band,
                            frame_pixel_arcsec=frame_pix, mosaic_pixel_arcsec=mosaic_pix)
     fit = refine_on_frames(np.asarray(out["RA"], float), np.asarray(out["Dec"], float),

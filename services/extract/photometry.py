@@ -35,7 +35,7 @@ class ExtractionError(ValueError):
 
 def pixel_scale_arcsec(header: fits.Header | Mapping[str, object]) -> float:
     """Geometric-mean pixel side (arcsec) of a celestial WCS header."""
-    return _wcs_pixel_scale_arcsec(_celestial_wcs(header))
+    return wcs_pixel_scale_arcsec(_celestial_wcs(header))
 
 
 def _celestial_wcs(header: fits.Header | Mapping[str, object]) -> WCS:
@@ -47,7 +47,8 @@ def _celestial_wcs(header: fits.Header | Mapping[str, object]) -> WCS:
     return wcs.celestial
 
 
-def _wcs_pixel_scale_arcsec(wcs: WCS) -> float:
+def wcs_pixel_scale_arcsec(wcs: WCS) -> float:
+    """Geometric-mean pixel side (arcsec) of a celestial WCS."""
     scales = proj_plane_pixel_scales(wcs) * 3600.0
     return float(math.sqrt(abs(scales[0] * scales[1])))
 
@@ -59,10 +60,7 @@ def mips_band(header: Mapping[str, object], band_name: str) -> mips.MipsBand | N
     chnl = header.get("CHNLNUM")
     if isinstance(chnl, int | np.integer) and int(chnl) in mips.BANDS:
         return mips.BANDS[int(chnl)]
-    for band in mips.BANDS.values():
-        if band.name.lower() == band_name.strip().lower():
-            return band
-    return None
+    return mips.band_named(band_name)
 
 
 def gaussian_aperture_correction(
@@ -301,7 +299,7 @@ def extract_sources(
     if cov is not None and cov.shape != img.shape:
         raise ExtractionError(f"coverage shape {cov.shape} differs from image shape {img.shape}")
     wcs = _celestial_wcs(header)
-    pix_arcsec = _wcs_pixel_scale_arcsec(wcs)
+    pix_arcsec = wcs_pixel_scale_arcsec(wcs)
     ujy_per_pix = UJY_PER_MJYSR_ARCSEC2 * pix_arcsec**2
     band = mips_band(header, band_name)
 

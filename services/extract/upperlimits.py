@@ -10,7 +10,6 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from services.extract.prf import pixel_integrated_gaussian_1d, sigma_from_fwhm
-from shared import fitsio
 from shared.bcd import BCDFrame
 from shared.instruments import mips
 
@@ -122,6 +121,15 @@ def forced_upper_limits(
     return t
 
 
+def _frame_arrays(frame: BCDFrame) -> tuple[np.ndarray, np.ndarray]:
+    """A frame's data and unc as float64, after checking the arrays' shapes."""
+    if not frame.has_consistent_arrays:
+        raise UpperLimitError(
+            f"frame {frame.key or '(memory)'}: data, unc and mask shapes differ or are not 2-D"
+        )
+    return np.asarray(frame.data, dtype=float), np.asarray(frame.unc, dtype=float)
+
+
 def _accumulate_frame(
     frame: BCDFrame,
     ra: np.ndarray,
@@ -137,14 +145,9 @@ def _accumulate_frame(
     min_psf_fraction: float,
 ) -> None:
     """Add one frame's forced PSF fits (as inverse-variance sums) for the sources it covers."""
-    data = np.asarray(frame.data, dtype=float)
-    unc = np.asarray(frame.unc, dtype=float)
-    if data.shape != unc.shape or data.shape != frame.mask.shape:
-        raise UpperLimitError(
-            f"frame {frame.key or '(memory)'}: data, unc and mask shapes differ"
-        )
+    data, unc = _frame_arrays(frame)
     ny, nx = data.shape
-    wcs = WCS(fitsio.wcs_cards(frame.header), relax=True, naxis=2)
+    wcs = frame.wcs
     x, y = wcs.all_world2pix(ra, dec, 0)
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
@@ -173,7 +176,7 @@ def _accumulate_frame(
     xx = np.clip(px, 0, nx - 1)[:, None, :]
     d = data[yy, xx]
     e = unc[yy, xx]
-    good = ok & np.isfinite(d) & np.isfinite(e) & (e > 0) & ((frame.mask[yy, xx] & fatal_bits) == 0)
+    good = ok & frame.usable_pixels(fatal_bits)[yy, xx]
     # Surface brightness (MJy/sr) -> uJy in each pixel, with the frame's local solid angle.
     ujy = (1e12 * mips.SR_PER_ARCSEC2 * area)[:, None, None]
     w = np.where(good, 1.0 / np.where(good, e * ujy, 1.0) ** 2, 0.0)
@@ -221,14 +224,9 @@ def _accumulate_frame_joint(
     their stamps; the targets' fluxes and marginal variances are accumulated."""
     from scipy import sparse
 
-    data = np.asarray(frame.data, dtype=float)
-    unc = np.asarray(frame.unc, dtype=float)
-    if data.shape != unc.shape or data.shape != frame.mask.shape:
-        raise UpperLimitError(
-            f"frame {frame.key or '(memory)'}: data, unc and mask shapes differ"
-        )
+    data, unc = _frame_arrays(frame)
     ny, nx = data.shape
-    wcs = WCS(fitsio.wcs_cards(frame.header), relax=True, naxis=2)
+    wcs = frame.wcs
     x, y = (np.asarray(v, dtype=float) for v in wcs.all_world2pix(ra, dec, 0))
     pix_area = _frame_pixel_area_arcsec2(wcs, np.array([nx / 2.0]), np.array([ny / 2.0]))[0]
     pix = math.sqrt(pix_area)
@@ -248,8 +246,7 @@ def _accumulate_frame_joint(
     prof = gy[:, :, None] * gx[:, None, :]
     inside = ((py >= 0) & (py < ny))[:, :, None] & ((px >= 0) & (px < nx))[:, None, :]
     pix_index = (np.clip(py, 0, ny - 1)[:, :, None] * nx + np.clip(px, 0, nx - 1)[:, None, :])
-    good_pix = (np.isfinite(data) & np.isfinite(unc) & (unc > 0)
-                & ((frame.mask & fatal_bits) == 0)).ravel()
+    good_pix = frame.usable_pixels(fatal_bits).ravel()
     ok = inside & good_pix[pix_index]
     k = src.size
     rows = pix_index[ok]

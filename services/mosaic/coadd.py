@@ -149,18 +149,13 @@ def build_mosaic(
     valid: list[np.ndarray] = [np.zeros(f.data.shape, dtype=bool) for f in frames]
     uncs: list[np.ndarray] = [f.unc for f in frames]
     for i, f in enumerate(frames):
-        if f.data.ndim != 2 or f.unc.shape != f.data.shape or f.mask.shape != f.data.shape:
+        if not f.has_consistent_arrays:
             notes.append(f"{keys[i]}: data/unc/mask shapes differ or are not 2-D; dropped")
             continue
         if drop_first_dce and f.dcenum == 0 and _has_first_frame_effect(f):
             notes.append(f"{keys[i]}: DCENUM 0 (first-frame effect); dropped")
             continue
-        ok = (
-            np.isfinite(f.data)
-            & np.isfinite(f.unc)
-            & (f.unc > 0)
-            & ((np.asarray(f.mask).astype(np.int64) & int(fatal_bits)) == 0)
-        )
+        ok = f.usable_pixels(fatal_bits)
         if not ok.any():
             notes.append(f"{keys[i]}: no valid pixel (all NaN, masked or unc <= 0); dropped")
             continue

@@ -114,6 +114,12 @@ BANDS: dict[int, MipsBand] = {
     ),
 }
 
+def band_named(name: str) -> MipsBand | None:
+    """The MIPS band called `name` ("24um", "70um", "160um"; case and spaces ignored)."""
+    key = name.strip().lower()
+    return next((band for band in BANDS.values() if band.name.lower() == key), None)
+
+
 #: The 70 um array: only half A (32 columns x 16 rows) is usable; rows 16..31 are the bad half.
 MIPS70_GOOD_ROWS = slice(0, 16)
 
