@@ -62,11 +62,16 @@ class ExtractService(Service):
         else:
             raise Skip(f"extract does not use {message.instrument} {message.product_type}")
 
-    async def _frames(self, manifest_key: str, ctx: Context) -> list[BCDFrame]:
-        """The BCD frames a mosaic was made from (its frames manifest)."""
+    async def _frames(
+        self, manifest_key: str, ctx: Context, cache: dict[str, list[BCDFrame]]
+    ) -> list[BCDFrame]:
+        """The BCD frames a mosaic was made from (its frames manifest), read once per message."""
         if not manifest_key:
             return []
-        return await read_frames(ctx.read_fits, json.loads(await ctx.read(manifest_key))["frames"])
+        if manifest_key not in cache:
+            members = json.loads(await ctx.read(manifest_key))["frames"]
+            cache[manifest_key] = await read_frames(ctx.read_fits, members)
+        return cache[manifest_key]
 
     async def _post_bcd(self, ref: ProductRef, ctx: Context) -> None:
         from services.extract.photometry import extract_sources
@@ -89,7 +94,8 @@ class ExtractService(Service):
             band_name=band,
             detect_sigma=self.config.detect_sigma,
         )
-        table = await self._multiframe(table, ref, header, band, ctx)
+        frames_cache: dict[str, list[BCDFrame]] = {}
+        table = await self._multiframe(table, ref, header, band, ctx, frames_cache)
         stem = ref.key.rsplit("/", 1)[-1].removesuffix("_maic.fits")
         version = ref.version
         cards = {k: header[k] for k in ("TELESCOP", "INSTRUME", "CHNLNUM", "AORKEY") if k in header}
@@ -127,11 +133,17 @@ class ExtractService(Service):
         )
         if not arrival.trigger:
             return
-        await self._bandmerge(ref, arrival.members, ctx)
+        await self._bandmerge(ref, arrival.members, ctx, frames_cache)
         ctx.group_done_after_publish(ref.group.id, ref.version)
 
     async def _multiframe(
-        self, table: Table, ref: ProductRef, header: fits.Header, band: str, ctx: Context
+        self,
+        table: Table,
+        ref: ProductRef,
+        header: fits.Header,
+        band: str,
+        ctx: Context,
+        cache: dict[str, list[BCDFrame]],
     ) -> Table:
         """The table refined on the mosaic's BCDs when configured (see ExtractConfig)."""
         from services.extract.multiframe import mosaic_oversamples_frames, refine_source_table
@@ -141,14 +153,24 @@ class ExtractService(Service):
         manifest = ref.file("frames")
         if mode == "never" or manifest is None or len(table) == 0:
             return table
-        frames = await self._frames(manifest.key, ctx)
-        if mode == "auto" and not mosaic_oversamples_frames(frames, pixel_scale_arcsec(header)):
-            return table
+        if mode == "auto":
+            # One frame's header decides; the others are read only when they will be fitted.
+            members = json.loads(await ctx.read(manifest.key))["frames"]
+            first = [BCDFrame.from_hdus(await ctx.read_fits(members[0]["key"]))] if members else []
+            if not mosaic_oversamples_frames(first, pixel_scale_arcsec(header)):
+                return table
+        frames = await self._frames(manifest.key, ctx, cache)
         return await ctx.run(
             refine_source_table, table, frames, header, band=mips_band(header, band)
         )
 
-    async def _bandmerge(self, ref: ProductRef, members: dict[int, str], ctx: Context) -> None:
+    async def _bandmerge(
+        self,
+        ref: ProductRef,
+        members: dict[int, str],
+        ctx: Context,
+        cache: dict[str, list[BCDFrame]],
+    ) -> None:
         from services.extract.bandmerge import bandmerge
         from services.extract.tables import from_fits_bytes, to_fits_hdulist, to_ipac_bytes
 
@@ -160,7 +182,7 @@ class ExtractService(Service):
             m = json.loads(members[i])
             band = band_name(inst, int(m["channel"]))
             lists[band] = from_fits_bytes(await ctx.read(m["sources"]))
-            frames_by_band[band] = await self._frames(m["frames"], ctx)
+            frames_by_band[band] = await self._frames(m["frames"], ctx, cache)
             parents.append(m["sources"])
         merged: Table = await ctx.run(
             bandmerge, lists, frames_by_band=frames_by_band, nsigma=self.config.upper_limit_sigma
