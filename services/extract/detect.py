@@ -88,11 +88,14 @@ def matched_filter(
         # noise several-fold (a mosaic resampled from much larger pixels, e.g. 70 um), a
         # raw-unit cut would mask nearly every pixel and leave only the crowded-map fallback.
         grow = 2 * math.ceil(2 * fwhm_px / step) + 1
-        # Start from the RMS of the map's negative half (sources only add, so it is close).
+        # Start from the RMS of the map's negative half: sources only add, so it is the noise
+        # sigma of a crowded (confused) map with no source-free area, and close otherwise.
         neg = snr_s[valid & (snr_s < 0)]
-        est = float(np.sqrt(np.mean(neg * neg))) if neg.size > 100 else 1.0
+        neg_rms = float(np.sqrt(np.mean(neg * neg))) if neg.size > 100 else 0.0
+        valid_n = int(valid.sum())
+        est = neg_rms or 1.0
         for _ in range(4):
-            new = _quiet_rms(snr_s, valid, grow=grow, threshold=5.0 * est)
+            new = _quiet_rms(snr_s, valid, valid_n, grow=grow, threshold=5.0 * est) or neg_rms
             if new <= 0:
                 break
             done = abs(new - est) < 0.02 * est
@@ -105,18 +108,16 @@ def matched_filter(
                          inv_sqrt_den=inv_sqrt)
 
 
-def _quiet_rms(snr: np.ndarray, valid: np.ndarray, *, grow: int, threshold: float) -> float:
+def _quiet_rms(snr: np.ndarray, valid: np.ndarray, n_valid: int, *, grow: int,
+               threshold: float) -> float:
     """Robust RMS of an S/N map away from sources brighter than `threshold` (grown by `grow`
-    pixels); 0 when there are too few pixels to tell."""
+    pixels); 0 when fewer than max(100, 5% of the `n_valid` valid pixels) are left."""
     near = ndimage.maximum_filter(np.abs(snr) > threshold, size=grow)
     quiet = snr[valid & ~near]
-    if quiet.size > max(100, int(valid.sum()) // 20):
+    if quiet.size > max(100, n_valid // 20):
         lo, hi = np.percentile(quiet, [15.865, 84.135])
         return float(0.5 * (hi - lo))
-    # A crowded (confused) map has no source-free area: the negative half of the S/N map is
-    # still noise (sources only add), and its RMS is the noise sigma.
-    neg = snr[valid & (snr < 0)]
-    return float(np.sqrt(np.mean(neg * neg))) if neg.size > 100 else 0.0
+    return 0.0
 
 
 @dataclass(frozen=True, slots=True)
