@@ -47,14 +47,11 @@ def find_outliers(
     the local derivative tolerated (PSF undersampling, gradients inside an output pixel);
     `min_coverage` the least number of samples an output pixel needs to be judged at all.
     """
-    ny, nx = grid_shape
     rejected = np.zeros(samples.size, dtype=bool)
     median_img = np.full(grid_shape, np.nan)
     if samples.size == 0:
         return rejected, median_img
-    ix = np.clip(np.floor(samples.x + 0.5).astype(np.int64), 0, nx - 1)
-    iy = np.clip(np.floor(samples.y + 0.5).astype(np.int64), 0, ny - 1)
-    pix = iy * nx + ix
+    pix = samples.output_pixel(grid_shape)
     upix, med, counts, inverse = group_medians(pix, samples.value)
     judged = counts >= min_coverage
     median_img.ravel()[upix[judged]] = med[judged]

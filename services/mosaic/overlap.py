@@ -204,10 +204,7 @@ def pixel_median_reference(samples: Samples, *, grid_shape: tuple[int, int],
                            min_depth: int = 2) -> np.ndarray:
     """Per sample, the median of all samples whose footprint centre falls in the same output
     pixel (NaN where fewer than `min_depth` frames overlap there)."""
-    ny, nx = grid_shape
-    ix = np.clip(np.floor(samples.x + 0.5).astype(np.int64), 0, nx - 1)
-    iy = np.clip(np.floor(samples.y + 0.5).astype(np.int64), 0, ny - 1)
-    _upix, med, counts, inverse = group_medians(iy * nx + ix, samples.value)
+    _upix, med, counts, inverse = group_medians(samples.output_pixel(grid_shape), samples.value)
     return np.where(counts[inverse] >= min_depth, med[inverse], np.nan)
 
 

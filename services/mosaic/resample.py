@@ -56,6 +56,13 @@ class Samples:
             unc=self.unc[keep],
         )
 
+    def output_pixel(self, grid_shape: tuple[int, int]) -> np.ndarray:
+        """Flat index of the output pixel each footprint centre falls in (clipped to the grid)."""
+        ny, nx = grid_shape
+        ix = np.clip(np.floor(self.x + 0.5).astype(np.int64), 0, nx - 1)
+        iy = np.clip(np.floor(self.y + 0.5).astype(np.int64), 0, ny - 1)
+        return iy * nx + ix
+
     def with_values(self, value: np.ndarray, unc: np.ndarray | None = None) -> Samples:
         return Samples(
             frame=self.frame,
