@@ -13,7 +13,7 @@ import math
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -60,6 +60,14 @@ def time_runs(fn: Callable[[], T], runs: int) -> Timing[T]:
         result = fn()
         times.append(time.perf_counter() - t0)
     return Timing(tuple(times), result)  # type: ignore[arg-type]
+
+
+def print_summary(accuracy: Mapping[str, object], ratio: Mapping[str, float]) -> None:
+    """A bench module's command-line summary: each side's accuracy, then skybus / side."""
+    for k, a in accuracy.items():
+        print(f"{k:18s} {a}")
+    for k, r in ratio.items():
+        print(f"skybus / {k}: {r:.2f}")
 
 
 def tool_path(name: str) -> str | None:

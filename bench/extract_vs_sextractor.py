@@ -319,10 +319,7 @@ def main(argv: list[str] | None = None) -> ExtractBenchResult:
     data = common.load_or_make_bcds(common.aor_config(args.quick))
     mosaic = build_mosaic(data.frames)
     res = run(mosaic, data.truth, runs=args.runs or (1 if args.quick else 3))
-    for k, a in res.accuracy.items():
-        print(f"{k:18s} {a}")
-    for k, r in res.ratio.items():
-        print(f"skybus / {k}: {r:.2f}")
+    common.print_summary(res.accuracy, res.ratio)
     return res
 
 

@@ -303,17 +303,7 @@ class ServiceRunner:
             envelope = messages.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             reason = f"malformed message, not a skybus wire message: {exc}"
-            await self._publish_dead(
-                DeadLetter(
-                    service=self.service.name,
-                    reason=reason,
-                    outcome="bad_message",
-                    subject=msg.subject,
-                    stream_seq=meta.sequence.stream,
-                    original=msg.data,
-                    time=messages.utcnow(),
-                )
-            )
+            await self._publish_dead(self._dead_letter_of(msg, reason, "bad_message"))
             await msg.term()
             log.warning(
                 "message",
@@ -336,18 +326,7 @@ class ServiceRunner:
             await msg.ack()
         except (BadData, ValueError) as exc:
             outcome, reason = "bad_data", str(exc) or type(exc).__name__
-            await self._publish_dead(
-                DeadLetter(
-                    service=self.service.name,
-                    reason=reason,
-                    outcome="bad_data",
-                    subject=msg.subject,
-                    stream_seq=meta.sequence.stream,
-                    original=msg.data,
-                    run_id=run_id,
-                    time=messages.utcnow(),
-                )
-            )
+            await self._publish_dead(self._dead_letter_of(msg, reason, "bad_data", run_id))
             await msg.term()
         except (Transient, ConnectionError, TimeoutError, nats.errors.Error) as exc:
             outcome, reason = "retry", f"{type(exc).__name__}: {exc}"
@@ -394,6 +373,21 @@ class ServiceRunner:
             await self._publish_dead(dl)
         for group_id, version in ctx._after_publish:
             await self.groups.done(group_id, version=version)
+
+    def _dead_letter_of(
+        self, msg: Msg, reason: str, outcome: str, run_id: str = ""
+    ) -> DeadLetter:
+        """The dead letter of a whole message (its subject, sequence and bytes kept)."""
+        return DeadLetter(
+            service=self.service.name,
+            reason=reason,
+            outcome=outcome,
+            subject=msg.subject,
+            stream_seq=msg.metadata.sequence.stream,
+            original=msg.data,
+            run_id=run_id,
+            time=messages.utcnow(),
+        )
 
     async def _publish_dead(self, dl: DeadLetter) -> None:
         # one message may report several problems: each is its own dead letter, and a retry

@@ -80,18 +80,24 @@ def _read(run: PipelineRun, key: str) -> fits.HDUList:
     return fits.open(run.store_root / key, memmap=False)
 
 
+def _psf_stamps(
+    x: np.ndarray, y: np.ndarray, *, sigma_px: float, half: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel columns (n, s), rows (n, s) and the unit-flux pixel-integrated Gaussian (n, s, s)
+    on the (2 half + 1)^2 pixels around each (x, y)."""
+    off = np.arange(-half, half + 1)
+    px = np.round(x).astype(int)[:, None] + off
+    py = np.round(y).astype(int)[:, None] + off
+    gx, _ = pixel_integrated_gaussian_1d(px - x[:, None], sigma_px)
+    gy, _ = pixel_integrated_gaussian_1d(py - y[:, None], sigma_px)
+    return px, py, gy[:, :, None] * gx[:, None, :]
+
+
 def _point_noise_ujy(
     unc: np.ndarray, x: np.ndarray, y: np.ndarray, *, sigma_px: float, half: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Point-source noise (unc unit x pixel) at (x, y) and whether the stamp is fully valid."""
-    off = np.arange(-half, half + 1)
-    cx = np.round(x).astype(int)
-    cy = np.round(y).astype(int)
-    px = cx[:, None] + off
-    py = cy[:, None] + off
-    gx, _ = pixel_integrated_gaussian_1d(px - x[:, None], sigma_px)
-    gy, _ = pixel_integrated_gaussian_1d(py - y[:, None], sigma_px)
-    prof = gy[:, :, None] * gx[:, None, :]
+    px, py, prof = _psf_stamps(x, y, sigma_px=sigma_px, half=half)
     ny, nx = unc.shape
     inside = ((py >= 0) & (py < ny))[:, :, None] & ((px >= 0) & (px < nx))[:, None, :]
     u = unc[np.clip(py, 0, ny - 1)[:, :, None], np.clip(px, 0, nx - 1)[:, None, :]]
@@ -211,12 +217,7 @@ def _noise_correlation_factor(
     pick = rng.choice(ok, size=min(n, ok.size), replace=False)
     y = pick // (nx - 2 * half) + half + rng.uniform(-0.5, 0.5, pick.size)
     x = pick % (nx - 2 * half) + half + rng.uniform(-0.5, 0.5, pick.size)
-    off = np.arange(-half, half + 1)
-    px = np.round(x).astype(int)[:, None] + off
-    py = np.round(y).astype(int)[:, None] + off
-    gx, _ = pixel_integrated_gaussian_1d(px - x[:, None], sigma_px)
-    gy, _ = pixel_integrated_gaussian_1d(py - y[:, None], sigma_px)
-    p = gy[:, :, None] * gx[:, None, :]
+    px, py, p = _psf_stamps(x, y, sigma_px=sigma_px, half=half)
     d = noise[py[:, :, None], px[:, None, :]]
     u = unc[py[:, :, None], px[:, None, :]]
     good = np.isfinite(d) & np.isfinite(u) & (u > 0)
@@ -398,12 +399,7 @@ def _psf_weighted_flux(
     image: np.ndarray, unc: np.ndarray, x: np.ndarray, y: np.ndarray, *, sigma_px: float, half: int
 ) -> np.ndarray:
     """Optimal PSF-weighted point-source amplitude (image unit x pixel) at each (x, y)."""
-    off = np.arange(-half, half + 1)
-    px = np.round(x).astype(int)[:, None] + off
-    py = np.round(y).astype(int)[:, None] + off
-    gx, _ = pixel_integrated_gaussian_1d(px - x[:, None], sigma_px)
-    gy, _ = pixel_integrated_gaussian_1d(py - y[:, None], sigma_px)
-    p = gy[:, :, None] * gx[:, None, :]
+    px, py, p = _psf_stamps(x, y, sigma_px=sigma_px, half=half)
     ny, nx = image.shape
     iy = np.clip(py, 0, ny - 1)[:, :, None]
     ix = np.clip(px, 0, nx - 1)[:, None, :]
