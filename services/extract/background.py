@@ -16,43 +16,63 @@ def _clipped_mesh_stats(
     """Sigma-clipped median, RMS and number of kept values of each row of `cells` (NaN = absent).
 
     Rows are sorted once; every clip keeps a contiguous run of the sorted row, so the clipped
-    mean, RMS and median come from cumulative sums and an index, without Python loops over rows.
+    median is an index and the clipped sums are one `reduceat` over the runs, without Python
+    loops over rows. The clipping stops early once no row's run changes (every further clip
+    would repeat it).
     """
     s = np.sort(cells, axis=1)  # NaNs sort last
+    nrow, ncol = s.shape
     finite = np.isfinite(s)
-    nvalid = np.sum(finite, axis=1)
-    z = np.where(finite, s, 0.0)
-    # Prefix sums with a leading 0 column, accumulated in place (a concatenate after the
-    # cumsum costs three times as much).
-    c1 = np.empty((s.shape[0], s.shape[1] + 1))
-    c2 = np.empty_like(c1)
-    c1[:, 0] = c2[:, 0] = 0.0
-    np.cumsum(z, axis=1, out=c1[:, 1:])
-    np.cumsum(z * z, axis=1, out=c2[:, 1:])
-    lo = np.zeros(s.shape[0], dtype=np.int64)
-    hi = nvalid.astype(np.int64)
-    rows = np.arange(s.shape[0])
+    nvalid = np.count_nonzero(finite, axis=1)
     big = np.where(finite, s, np.inf)
+    # The sorted values with a trailing zero column, flat: the run [lo, hi) of row r is
+    # [r * (ncol + 1) + lo, r * (ncol + 1) + hi), and hi <= ncol always indexes inside.
+    z1 = np.zeros((nrow, ncol + 1))
+    np.copyto(z1[:, :ncol], s, where=finite)
+    z1 = z1.ravel()
+    z2 = z1 * z1
+    start = np.arange(nrow) * (ncol + 1)
+    bounds = np.empty(2 * nrow, dtype=np.int64)
+    rows = np.arange(nrow)
+    last = ncol - 1
+
+    def run_sums(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sum and sum of squares of each row's run [lo, hi) (0 for an empty run)."""
+        bounds[0::2] = start + lo
+        bounds[1::2] = start + hi
+        empty = hi <= lo  # reduceat gives the first element there, not 0
+        s1 = np.add.reduceat(z1, bounds)[0::2]
+        s2 = np.add.reduceat(z2, bounds)[0::2]
+        s1[empty] = 0.0
+        s2[empty] = 0.0
+        return s1, s2
+
+    def median(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        return 0.5 * (big[rows, np.clip(lo + (hi - lo - 1) // 2, 0, last)]
+                      + big[rows, np.clip(lo + (hi - lo) // 2, 0, last)])
+
+    lo = np.zeros(nrow, dtype=np.int64)
+    hi = nvalid.astype(np.int64)
+    sum1, sum2 = run_sums(lo, hi)
     for _ in range(n_iter):
         cnt = np.maximum(hi - lo, 1)
-        mid = lo + (hi - lo - 1) // 2
-        med = 0.5 * (big[rows, np.clip(mid, 0, s.shape[1] - 1)]
-                     + big[rows, np.clip(lo + (hi - lo) // 2, 0, s.shape[1] - 1)])
-        mean = (c1[rows, hi] - c1[rows, lo]) / cnt
-        var = np.maximum((c2[rows, hi] - c2[rows, lo]) / cnt - mean * mean, 0.0)
-        std = np.sqrt(var)
-        lo_v = med - nsigma * std
-        hi_v = med + nsigma * std
-        lo = _count_sorted(big, lo_v, inclusive=False)
-        hi = np.minimum(_count_sorted(big, hi_v, inclusive=True), nvalid)
-        hi = np.maximum(hi, lo)
+        med = median(lo, hi)
+        mean = sum1 / cnt
+        std = np.sqrt(np.maximum(sum2 / cnt - mean * mean, 0.0))
+        # Rows are sorted: the kept run's ends are counts of the values below the limits.
+        lo_new = np.count_nonzero(big < (med - nsigma * std)[:, None], axis=1)
+        hi_new = np.minimum(np.count_nonzero(big <= (med + nsigma * std)[:, None], axis=1),
+                            nvalid)
+        hi_new = np.maximum(hi_new, lo_new)
+        if np.array_equal(lo_new, lo) and np.array_equal(hi_new, hi):
+            break
+        lo, hi = lo_new, hi_new
+        sum1, sum2 = run_sums(lo, hi)
     cnt = hi - lo
     safe = np.maximum(cnt, 1)
-    mid_lo = np.clip(lo + (cnt - 1) // 2, 0, s.shape[1] - 1)
-    mid_hi = np.clip(lo + cnt // 2, 0, s.shape[1] - 1)
-    med = 0.5 * (big[rows, mid_lo] + big[rows, mid_hi])
-    mean = (c1[rows, hi] - c1[rows, lo]) / safe
-    std = np.sqrt(np.maximum((c2[rows, hi] - c2[rows, lo]) / safe - mean * mean, 0.0))
+    med = median(lo, hi)
+    mean = sum1 / safe
+    std = np.sqrt(np.maximum(sum2 / safe - mean * mean, 0.0))
     # A clipped (truncated at +-3 sigma) Gaussian has a slightly smaller RMS than its sigma.
     std = std / 0.9866 if nsigma == 3.0 else std
     # Sources skew the distribution upwards: the SExtractor mode estimate corrects for that,
@@ -63,24 +83,6 @@ def _clipped_mesh_stats(
     level = np.where(cnt > 0, level, np.nan)
     std = np.where(cnt > 1, std, np.nan)
     return level, std, cnt
-
-
-def _count_sorted(rows_sorted: np.ndarray, value: np.ndarray, *, inclusive: bool) -> np.ndarray:
-    """Per row of an ascending-sorted 2-D array, how many entries are < `value` (or <= with
-    `inclusive`): a binary search of all rows at once (log2(columns) steps on one value per
-    row), equal to np.sum(rows_sorted < value[:, None], axis=1) without comparing every entry.
-    """
-    nrow, ncol = rows_sorted.shape
-    rows = np.arange(nrow)
-    lo = np.zeros(nrow, dtype=np.int64)
-    hi = np.full(nrow, ncol, dtype=np.int64)
-    for _ in range(int(ncol).bit_length()):
-        mid = (lo + hi) // 2
-        entry = rows_sorted[rows, np.minimum(mid, ncol - 1)]
-        below = ((entry <= value) if inclusive else (entry < value)) & (mid < hi)
-        lo = np.where(below, mid + 1, lo)
-        hi = np.where(below, hi, mid)
-    return lo
 
 
 def estimate_background(
