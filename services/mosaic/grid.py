@@ -45,22 +45,31 @@ def _tangent_basis(ra_deg: float, dec_deg: float) -> tuple[np.ndarray, np.ndarra
     return centre, east, north
 
 
-def _cd_matrix(header: Mapping[str, Any]) -> np.ndarray:
-    if "CD1_1" in header:
+def _cd_matrix(header: Mapping[str, Any]) -> np.ndarray | None:
+    """The 2x2 CD matrix (deg/pixel) from CDi_j, or CDELTi x PCi_j, or CDELTi and CROTA2 (the
+    older AIPS convention of many archive files); None when the header has none of them."""
+    if any(k in header for k in ("CD1_1", "CD1_2", "CD2_1", "CD2_2")):
         return np.array(
             [
                 [float(header.get("CD1_1", 0.0)), float(header.get("CD1_2", 0.0))],
                 [float(header.get("CD2_1", 0.0)), float(header.get("CD2_2", 0.0))],
             ]
         )
-    pc = np.array(
-        [
-            [float(header.get("PC1_1", 1.0)), float(header.get("PC1_2", 0.0))],
-            [float(header.get("PC2_1", 0.0)), float(header.get("PC2_2", 1.0))],
-        ]
-    )
-    cdelt = np.array([float(header.get("CDELT1", 1.0)), float(header.get("CDELT2", 1.0))])
-    return cdelt[:, None] * pc
+    if "CDELT1" not in header or "CDELT2" not in header:
+        return None
+    cdelt = np.array([float(header["CDELT1"]), float(header["CDELT2"])])
+    if any(k in header for k in ("PC1_1", "PC1_2", "PC2_1", "PC2_2")):
+        pc = np.array(
+            [
+                [float(header.get("PC1_1", 1.0)), float(header.get("PC1_2", 0.0))],
+                [float(header.get("PC2_1", 0.0)), float(header.get("PC2_2", 1.0))],
+            ]
+        )
+        return cdelt[:, None] * pc
+    rho = math.radians(float(header.get("CROTA2", 0.0)))
+    c, s = math.cos(rho), math.sin(rho)
+    # FITS WCS paper II, eq. 189: CROTA2 rotates the intermediate world coordinates.
+    return np.array([[cdelt[0] * c, -cdelt[1] * s], [cdelt[0] * s, cdelt[1] * c]])
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +99,9 @@ class TanSip:
             return None
         if any(k not in kv for k in ("CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2")):
             return None
+        cd = _cd_matrix(kv)
+        if cd is None or not np.all(np.isfinite(cd)) or abs(np.linalg.det(cd)) == 0.0:
+            return None
         sip_a: list[tuple[int, int, float]] = []
         sip_b: list[tuple[int, int, float]] = []
         if c1.endswith("-SIP") and "A_ORDER" in kv:
@@ -106,7 +118,7 @@ class TanSip:
                 (sip_a if m.group(1) == "A" else sip_b).append((p, q, float(value)))
         return cls(
             crpix=(float(kv["CRPIX1"]), float(kv["CRPIX2"])),
-            cd_deg=_cd_matrix(kv),
+            cd_deg=cd,
             crval_deg=(float(kv["CRVAL1"]), float(kv["CRVAL2"])),
             sip_a=tuple(sip_a),
             sip_b=tuple(sip_b),

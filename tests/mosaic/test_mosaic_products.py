@@ -71,13 +71,34 @@ def _irac_header() -> fits.Header:
         return fits.Header.fromstring(Path(path).read_text())
 
 
-@pytest.mark.parametrize("kind", ["mips", "irac"])
+def _cdelt_header(pa_deg: float, *, with_pc: bool) -> fits.Header:
+    """A MIPS-like SIP header whose linear part is CDELTi + CROTA2 (or + PCi_j), not CD."""
+    h = fits.Header()
+    h.update(mips.wcs_keywords(1, ra_deg=359.99, dec_deg=-60.0, pa_deg=pa_deg))
+    cd = np.array([[h["CD1_1"], h["CD1_2"]], [h["CD2_1"], h["CD2_2"]]])
+    for k in ("CD1_1", "CD1_2", "CD2_1", "CD2_2"):
+        del h[k]
+    scale = 2.55 / 3600.0
+    h["CDELT1"], h["CDELT2"] = -scale, scale
+    if with_pc:
+        pc = cd / np.array([-scale, scale])[:, None]
+        h["PC1_1"], h["PC1_2"], h["PC2_1"], h["PC2_2"] = pc.ravel()
+    else:
+        h["CROTA2"] = pa_deg
+    return h
+
+
+@pytest.mark.parametrize("kind", ["mips", "irac", "cdelt_crota2", "cdelt_pc"])
 def test_fast_tan_sip_matches_astropy(kind: str) -> None:
+    """The fast TAN-SIP path agrees with astropy for the CD, CDELT + PC and CDELT + CROTA2
+    forms of the linear WCS (archive files use all three)."""
     if kind == "mips":
         h = fits.Header()
         h.update(mips.wcs_keywords(1, ra_deg=359.99, dec_deg=-60.0, pa_deg=123.0))
-    else:
+    elif kind == "irac":
         h = _irac_header()
+    else:
+        h = _cdelt_header(123.0, with_pc=kind == "cdelt_pc")
     assert TanSip.from_header(h) is not None
     yy, xx = np.mgrid[-0.5:256:7.3, -0.5:256:5.1]
     with warnings.catch_warnings():
