@@ -15,41 +15,41 @@ def _clipped_mesh_stats(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sigma-clipped median, RMS and number of kept values of each row of `cells` (NaN = absent).
 
-    Rows are sorted once; every clip keeps a contiguous run of the sorted row, so the clipped
-    median is an index and the clipped sums are one `reduceat` over the runs, without Python
-    loops over rows. The clipping stops early once no row's run changes (every further clip
-    would repeat it).
+    `cells` is sorted in place (callers pass a scratch array). Every clip keeps a contiguous
+    run of the sorted row, so the clipped median is an index and the run's sums are one
+    `reduceat`, without Python loops over rows. The clipping stops early once no row's run
+    changes (every further clip would repeat it).
     """
-    s = np.sort(cells, axis=1)  # NaNs sort last
+    cells.sort(axis=1)  # NaNs sort last: a row's finite values are its first `nvalid`
+    s = cells
     nrow, ncol = s.shape
-    finite = np.isfinite(s)
-    nvalid = np.count_nonzero(finite, axis=1)
-    big = np.where(finite, s, np.inf)
-    # The sorted values with a trailing zero column, flat: the run [lo, hi) of row r is
-    # [r * (ncol + 1) + lo, r * (ncol + 1) + hi), and hi <= ncol always indexes inside.
+    nvalid = ncol - np.count_nonzero(np.isnan(s), axis=1)
+    # The sorted values with a trailing zero column, flat: entry (r, k) is at r * (ncol + 1) + k,
+    # so a run's end k = ncol still indexes inside. Runs never reach the NaNs.
     z1 = np.zeros((nrow, ncol + 1))
-    np.copyto(z1[:, :ncol], s, where=finite)
+    z1[:, :ncol] = s
     z1 = z1.ravel()
     z2 = z1 * z1
     start = np.arange(nrow) * (ncol + 1)
-    bounds = np.empty(2 * nrow, dtype=np.int64)
+    bounds = np.empty((nrow, 2), dtype=np.int64)
     rows = np.arange(nrow)
     last = ncol - 1
 
     def run_sums(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sum and sum of squares of each row's run [lo, hi) (0 for an empty run)."""
-        bounds[0::2] = start + lo
-        bounds[1::2] = start + hi
-        empty = hi <= lo  # reduceat gives the first element there, not 0
-        s1 = np.add.reduceat(z1, bounds)[0::2]
-        s2 = np.add.reduceat(z2, bounds)[0::2]
+        bounds[:, 0] = start + lo
+        bounds[:, 1] = start + hi
+        flat = bounds.ravel()
+        s1 = np.add.reduceat(z1, flat)[0::2]
+        s2 = np.add.reduceat(z2, flat)[0::2]
+        empty = hi <= lo  # reduceat gives the first entry there, not 0
         s1[empty] = 0.0
         s2[empty] = 0.0
         return s1, s2
 
     def median(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        return 0.5 * (big[rows, np.clip(lo + (hi - lo - 1) // 2, 0, last)]
-                      + big[rows, np.clip(lo + (hi - lo) // 2, 0, last)])
+        return 0.5 * (s[rows, np.clip(lo + (hi - lo - 1) // 2, 0, last)]
+                      + s[rows, np.clip(lo + (hi - lo) // 2, 0, last)])
 
     lo = np.zeros(nrow, dtype=np.int64)
     hi = nvalid.astype(np.int64)
@@ -59,9 +59,10 @@ def _clipped_mesh_stats(
         med = median(lo, hi)
         mean = sum1 / cnt
         std = np.sqrt(np.maximum(sum2 / cnt - mean * mean, 0.0))
-        # Rows are sorted: the kept run's ends are counts of the values below the limits.
-        lo_new = np.count_nonzero(big < (med - nsigma * std)[:, None], axis=1)
-        hi_new = np.minimum(np.count_nonzero(big <= (med + nsigma * std)[:, None], axis=1),
+        # Rows are sorted: the kept run's ends are counts of the values below the limits
+        # (NaNs compare False, so they are never counted).
+        lo_new = _count_sorted(s, med - nsigma * std, inclusive=False, near=lo)
+        hi_new = np.minimum(_count_sorted(s, med + nsigma * std, inclusive=True, near=hi),
                             nvalid)
         hi_new = np.maximum(hi_new, lo_new)
         if np.array_equal(lo_new, lo) and np.array_equal(hi_new, hi):
@@ -78,11 +79,38 @@ def _clipped_mesh_stats(
     # Sources skew the distribution upwards: the SExtractor mode estimate corrects for that,
     # unless the skew is large (crowded cell), where the median is the safer choice.
     mode = 2.5 * med - 1.5 * mean
-    use_mode = np.abs(mean - med) < 0.3 * np.maximum(std, 1e-30)
+    with np.errstate(invalid="ignore"):
+        use_mode = np.abs(mean - med) < 0.3 * np.maximum(std, 1e-30)
     level = np.where(use_mode, mode, med)
     level = np.where(cnt > 0, level, np.nan)
     std = np.where(cnt > 1, std, np.nan)
     return level, std, cnt
+
+
+def _count_sorted(
+    rows_sorted: np.ndarray, value: np.ndarray, *, inclusive: bool, near: np.ndarray
+) -> np.ndarray:
+    """Per row of an ascending-sorted 2-D array, how many entries are < `value` (or <= with
+    `inclusive`), equal to np.sum(rows_sorted < value[:, None], axis=1).
+
+    `near` is a guess of each count (the previous clip's): only a window of entries around it
+    is compared, and the rows whose count falls outside their window are counted in full.
+    """
+    nrow, ncol = rows_sorted.shape
+    width = min(48, ncol)
+    first = np.clip(near - width // 2, 0, ncol - width)
+    window = rows_sorted.ravel()[(np.arange(nrow) * ncol + first)[:, None]
+                                 + np.arange(width)[None, :]]
+    limit = value[:, None]
+    inside = np.count_nonzero(window <= limit if inclusive else window < limit, axis=1)
+    count = first + inside
+    # A full (or empty) window not at the row's end (start): the count may lie beyond it.
+    out = ((inside == width) & (first + width < ncol)) | ((inside == 0) & (first > 0))
+    if np.any(out):
+        rest = rows_sorted[out]
+        limit = value[out, None]
+        count[out] = np.count_nonzero(rest <= limit if inclusive else rest < limit, axis=1)
+    return count
 
 
 def estimate_background(
@@ -124,6 +152,8 @@ def estimate_background(
     real = np.zeros((gy * by, gx * bx), dtype=bool)
     real[:ny, :nx] = True
     area = real.reshape(gy, by, gx, bx).sum(axis=(1, 3)).ravel()
+    if np.may_share_memory(cells, padded):
+        cells = cells.copy()  # sorted in place below; `padded` is still needed
     level, rms, cnt = _clipped_mesh_stats(cells, nsigma=nsigma, n_iter=5)
     # Where in each cell its usable pixels are: on a sloped sky, a cell cut by the coverage
     # edge measures the level at the centroid of its pixels, not at its centre.
@@ -179,7 +209,7 @@ def estimate_background(
     res[:ny, :nx] = np.where(bad, np.nan, img - bkg)
     rcells = res.reshape(gy, by, gx, bx).transpose(0, 2, 1, 3).reshape(gy * gx, by * bx)
     # Every 3rd pixel of a cell is plenty for an RMS and a third of the sorting cost.
-    _, rms2, _ = _clipped_mesh_stats(rcells[:, ::3], nsigma=nsigma, n_iter=3)
+    _, rms2, _ = _clipped_mesh_stats(rcells[:, ::3].copy(), nsigma=nsigma, n_iter=3)
     rms2 = rms2.reshape(gy, gx)
     fill = ~np.isfinite(rms2) | ~good
     if np.all(fill):
@@ -241,7 +271,7 @@ def _to_full(grid: np.ndarray, by: int, bx: int, ny: int, nx: int) -> np.ndarray
     xc[-1] = 0.5 * ((gx - 1) * bx + nx - 1)
     # Pad the grid by one linearly extrapolated cell on each side, so that the edge half-cells
     # follow the gradient instead of a free spline end.
-    grid = np.pad(grid, 1, mode="reflect", reflect_type="odd")
+    grid = _pad_linear(grid)
     yc = np.concatenate([[2 * yc[0] - yc[1]], yc, [2 * yc[-1] - yc[-2]]])
     xc = np.concatenate([[2 * xc[0] - xc[1]], xc, [2 * xc[-1] - xc[-2]]])
     # Separable cubic-spline interpolation as two small matrix products (weights of each grid
@@ -249,6 +279,19 @@ def _to_full(grid: np.ndarray, by: int, bx: int, ny: int, nx: int) -> np.ndarray
     wy = _spline_weights(yc, ny)
     wx = _spline_weights(xc, nx)
     return _single_thread_matmul(wy @ grid, wx.T)
+
+
+def _pad_linear(grid: np.ndarray) -> np.ndarray:
+    """`grid` (at least 2 x 2) padded by one cell on each side, linearly extrapolated:
+    np.pad(grid, 1, mode="reflect", reflect_type="odd"), the same values, without np.pad's
+    overhead (which costs more than the arithmetic on a grid this small)."""
+    out = np.empty((grid.shape[0] + 2, grid.shape[1] + 2))
+    out[1:-1, 1:-1] = grid
+    out[0, 1:-1] = 2 * grid[0] - grid[1]
+    out[-1, 1:-1] = 2 * grid[-1] - grid[-2]
+    out[:, 0] = 2 * out[:, 1] - out[:, 2]
+    out[:, -1] = 2 * out[:, -2] - out[:, -3]
+    return out
 
 
 def _single_thread_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -20,12 +20,22 @@ class MatchedFilter:
     (1.0 when the uncertainty map describes the noise exactly).
     """
 
-    flux: np.ndarray
+    num: np.ndarray  #: sum(P d w) at every pixel (the filtered weighted image)
     snr: np.ndarray
     noise_scale: float
     den: np.ndarray  #: sum(P^2 w) at every pixel (reused to filter a residual image)
     sigma_px: float  #: Gaussian sigma of the filter
-    inv_sqrt_den: np.ndarray | None = None  #: 1 / sqrt(den), 0 where den = 0 (reused too)
+    inv_sqrt_den: np.ndarray  #: 1 / sqrt(den), 0 where den = 0 (reused too)
+
+    @property
+    def flux(self) -> np.ndarray:
+        """Flux estimate sum(P d w) / sum(P^2 w) at every pixel (image unit x pixel)."""
+        return self.num * self.inv_sqrt_den * self.inv_sqrt_den
+
+    def flux_at(self, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
+        """`flux` at the pixels (iy, ix) only (the detections need no full map)."""
+        inv = self.inv_sqrt_den[iy, ix]
+        return self.num[iy, ix] * inv * inv
 
 
 def refilter(mf: MatchedFilter, image: np.ndarray, weight: np.ndarray) -> MatchedFilter:
@@ -33,19 +43,34 @@ def refilter(mf: MatchedFilter, image: np.ndarray, weight: np.ndarray) -> Matche
     Gaussian filter, the denominator and the noise calibration are reused."""
     num = ndimage.gaussian_filter(np.asarray(image, dtype=float) * weight, mf.sigma_px,
                                   mode="constant", truncate=4.0)
-    # snr and flux are the old ones scaled by num_new / num_old, where num_old = snr*sqrt(den).
-    inv_sqrt = mf.inv_sqrt_den if mf.inv_sqrt_den is not None else _inv_sqrt(mf.den)
-    snr = num * inv_sqrt
-    flux = snr * inv_sqrt
+    snr = num * mf.inv_sqrt_den
     snr /= mf.noise_scale
-    return MatchedFilter(flux=flux, snr=snr, noise_scale=mf.noise_scale, den=mf.den,
-                         sigma_px=mf.sigma_px, inv_sqrt_den=inv_sqrt)
+    return MatchedFilter(num=num, snr=snr, noise_scale=mf.noise_scale, den=mf.den,
+                         sigma_px=mf.sigma_px, inv_sqrt_den=mf.inv_sqrt_den)
 
 
 def _inv_sqrt(den: np.ndarray) -> np.ndarray:
     """1 / sqrt(den), 0 where den <= 0."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, 1.0 / np.sqrt(den), 0.0)
+    positive = den > 0
+    out = np.zeros_like(den)
+    np.sqrt(den, out=out, where=positive)
+    np.divide(1.0, out, out=out, where=positive)
+    return out
+
+
+def _grow(mask: np.ndarray, size: int) -> np.ndarray:
+    """`mask` grown by a `size` x `size` square (odd size): ndimage.maximum_filter(mask, size)
+    as shifted ORs, which cost a fraction of the filter on a small boolean map."""
+    half = size // 2
+    rows = mask.copy()
+    for k in range(1, half + 1):
+        rows[k:] |= mask[:-k]
+        rows[:-k] |= mask[k:]
+    out = rows.copy()
+    for k in range(1, half + 1):
+        out[:, k:] |= rows[:, :-k]
+        out[:, :-k] |= rows[:, k:]
+    return out
 
 
 def matched_filter(
@@ -72,10 +97,9 @@ def matched_filter(
     num = ndimage.gaussian_filter(dw, sigma, mode="constant", truncate=4.0)
     den = ndimage.gaussian_filter(np.asarray(weight, dtype=float), sigma / math.sqrt(2.0),
                                   mode="constant", truncate=4.0)
-    den = den / (4.0 * math.pi * sigma * sigma)
+    den /= 4.0 * math.pi * sigma * sigma
     inv_sqrt = _inv_sqrt(den)
     snr = num * inv_sqrt
-    flux = snr * inv_sqrt
     scale = 1.0
     if calibrate:
         # Statistics on every 3rd pixel per axis: plenty of pixels, a ninth of the cost.
@@ -104,7 +128,9 @@ def matched_filter(
                 break
         # Only a bounded rescaling is believable: a large factor means a wrong unc map.
         scale = float(np.clip(est, 0.2, 10.0))
-    return MatchedFilter(flux=flux, snr=snr / scale, noise_scale=scale, den=den, sigma_px=sigma,
+    if scale != 1.0:
+        snr /= scale
+    return MatchedFilter(num=num, snr=snr, noise_scale=scale, den=den, sigma_px=sigma,
                          inv_sqrt_den=inv_sqrt)
 
 
@@ -112,7 +138,7 @@ def _quiet_rms(snr: np.ndarray, valid: np.ndarray, n_valid: int, *, grow: int,
                threshold: float) -> float:
     """Robust RMS of an S/N map away from sources brighter than `threshold` (grown by `grow`
     pixels); 0 when fewer than max(100, 5% of the `n_valid` valid pixels) are left."""
-    near = ndimage.maximum_filter(np.abs(snr) > threshold, size=grow)
+    near = _grow(np.abs(snr) > threshold, grow)
     quiet = snr[valid & ~near]
     if quiet.size > max(100, n_valid // 20):
         lo, hi = np.percentile(quiet, [15.865, 84.135])
@@ -156,7 +182,8 @@ def find_peaks(
     seg_thr = threshold if segment_threshold is None else segment_threshold
     # Candidates are the few pixels above threshold: compare each with its 8 neighbours
     # instead of max-filtering the whole image.
-    above = (snr >= threshold) & valid
+    at_threshold = snr >= threshold
+    above = at_threshold & valid
     b = max(1, exclude_border_px)
     above[:b, :] = False
     above[-b:, :] = False
@@ -173,7 +200,7 @@ def find_peaks(
                 is_peak &= v >= snr[iy + dy, ix + dx]
     iy, ix = iy[is_peak], ix[is_peak]
     if segments:
-        segmentation, _ = ndimage.label(snr >= seg_thr)
+        segmentation, _ = ndimage.label(at_threshold if seg_thr == threshold else snr >= seg_thr)
         seg = segmentation[iy, ix]
         counts = np.bincount(seg, minlength=segmentation.max() + 1)
     else:
@@ -196,7 +223,7 @@ def find_peaks(
     return Detections(
         x=(ix + sx)[order].astype(float),
         y=(iy + sy)[order].astype(float),
-        flux=mf.flux[iy, ix][order],
+        flux=mf.flux_at(iy, ix)[order],
         snr=snr[iy, ix][order],
         segment=seg[order],
         n_in_segment=counts[seg][order],

@@ -44,6 +44,8 @@ def _celestial_wcs(header: fits.Header | Mapping[str, object]) -> WCS:
     wcs = WCS(fitsio.wcs_cards(full), naxis=2)
     if not wcs.has_celestial:
         raise ExtractionError("header has no celestial WCS: CTYPE1/2, CRVAL, CD or CDELT needed")
+    if wcs.naxis == 2 and (wcs.wcs.lng, wcs.wcs.lat) == (0, 1):
+        return wcs  # already its own celestial part (`.celestial` would build a copy)
     return wcs.celestial
 
 
@@ -308,7 +310,9 @@ def extract_sources(
         valid &= np.isfinite(cov) & (cov > 0)
     if not np.any(valid):
         raise ExtractionError("no usable pixel: image, unc or coverage are all invalid/zero")
-    weight = np.where(valid, 1.0 / np.where(valid, err, 1.0) ** 2, 0.0)
+    weight = np.zeros_like(img)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        np.divide(1.0, np.square(err), out=weight, where=valid)
 
     if fwhm_arcsec is not None:
         fwhm_src = "parameter"
@@ -326,8 +330,9 @@ def extract_sources(
 
     guess_px = fwhm_px if math.isfinite(fwhm_px) else 3.0
     box = box_px or min(_default_box(guess_px, img.shape), band_box_px or img.size)
-    bkg, rms = estimate_background(img, mask=~valid, box_px=box)
-    sub = np.where(valid, img - bkg, 0.0)
+    invalid = ~valid
+    bkg, rms = estimate_background(img, mask=invalid, box_px=box)
+    sub = _masked_difference(img, bkg, valid)
     if fwhm_src == "MIPS band":
         # The band FWHM is the optics' PSF; the mosaic's point response is broader (native
         # pixel and resampling kernel convolved in, ~9% at 24 um), and a PRF narrower than the
@@ -347,12 +352,14 @@ def extract_sources(
         # the clipped mode already removes.
         mf = matched_filter(sub, weight, fwhm_px=fwhm_px, calibrate=False)
         srcmask = ndimage_grow(mf.snr > 5.0, max(1, round(1.5 * fwhm_px)))
-        bkg, rms = estimate_background(img, mask=~valid | srcmask, box_px=box)
-        sub = np.where(valid, img - bkg, 0.0)
+        bkg, rms = estimate_background(img, mask=invalid | srcmask, box_px=box)
+        sub = _masked_difference(img, bkg, valid)
     mf = matched_filter(sub, weight, fwhm_px=fwhm_px, calibrate=calibrate_unc)
     uscale = mf.noise_scale
     weight_cal = weight / uscale**2
-    err_cal = np.where(valid, err * uscale, np.inf)
+    # The calibrated 1-sigma map, 0 where invalid (the apertures' masked pixels).
+    err_cal = np.zeros_like(err)
+    np.multiply(err, uscale, out=err_cal, where=valid)
 
     det = find_peaks(mf, threshold=detect_sigma, valid=valid)
     fit = fit_point_sources(
@@ -441,11 +448,11 @@ def extract_sources(
         # flux times the Gaussian model's enclosed fraction).
         ap_sum, ap_err = aperture_fluxes(
             fit.residual,
-            np.where(valid, err_cal, 0.0),
+            err_cal,
             x=fit.x,
             y=fit.y,
             radius_px=r_px,
-            mask=~valid,
+            mask=invalid,
         )
         own = 1.0 / gaussian_aperture_correction(
             fwhm_arcsec=fwhm_px, radius_arcsec=r_px, pixel_arcsec=1.0
@@ -453,7 +460,7 @@ def extract_sources(
         ap_sum = ap_sum + fit.flux * own
     else:
         ap_sum, ap_err = aperture_fluxes(
-            sub, np.where(valid, err_cal, 0.0), x=fit.x, y=fit.y, radius_px=r_px, mask=~valid
+            sub, err_cal, x=fit.x, y=fit.y, radius_px=r_px, mask=invalid
         )
 
     flux_ujy = fit.flux * ujy_per_pix
@@ -464,7 +471,7 @@ def extract_sources(
     if zero_jy is not None:
         mag, dmag = vega_magnitude(flux_ujy, dflux_ujy, vega_zero_jy=float(zero_jy))
     else:
-        mag = dmag = np.full(flux_ujy.size, np.nan)
+        mag, dmag = np.full(flux_ujy.size, np.nan), np.full(flux_ujy.size, np.nan)
 
     ra, dec = wcs.pixel_to_world_values(fit.x, fit.y)
     cd = wcs.pixel_scale_matrix * 3600.0  # arcsec per pixel, rows = (RA, Dec) axes
@@ -474,29 +481,39 @@ def extract_sources(
     ix = np.clip(np.round(fit.x).astype(int), 0, img.shape[1] - 1)
 
     n = fit.flux.size
-    t = Table()
-    t["srcid"] = np.arange(1, n + 1, dtype=np.int32)
-    t["RA"] = np.asarray(ra, dtype=float) * u.deg
-    t["delta_RA"] = dra * u.arcsec
-    t["Dec"] = np.asarray(dec, dtype=float) * u.deg
-    t["delta_Dec"] = ddec * u.arcsec
-    t["x"] = fit.x * u.pix
-    t["delta_x"] = fit.x_err * u.pix
-    t["y"] = fit.y * u.pix
-    t["delta_y"] = fit.y_err * u.pix
-    t["flux"] = flux_ujy * u.uJy
-    t["delta_flux"] = dflux_ujy * u.uJy
     with np.errstate(divide="ignore", invalid="ignore"):
-        t["SNR"] = flux_ujy / dflux_ujy
-    t["flux_ap"] = flux_ap * u.uJy
-    t["delta_flux_ap"] = dflux_ap * u.uJy
-    t["mag_vega"] = mag * u.mag
-    t["delta_mag"] = dmag * u.mag
-    t["bckgrnd"] = bkg[iy, ix] * u.MJy / u.sr
-    t["chi2_dof"] = fit.chi2_dof
-    t["N_PS"] = fit.n_in_group.astype(np.int32)
-    t["deblend"] = ((fit.n_in_group > 1) | (seg > 1)).astype(np.int16)
-    t["coverage"] = cov[iy, ix] if cov is not None else np.full(n, np.nan)
+        snr_col = flux_ujy / dflux_ujy
+    # (name, values, unit): one Table construction instead of a column added at a time; the
+    # arrays are this function's own, one per column (no copy).
+    columns: list[tuple[str, np.ndarray, u.UnitBase | None]] = [
+        ("srcid", np.arange(1, n + 1, dtype=np.int32), None),
+        ("RA", np.asarray(ra, dtype=float), u.deg),
+        ("delta_RA", dra, u.arcsec),
+        ("Dec", np.asarray(dec, dtype=float), u.deg),
+        ("delta_Dec", ddec, u.arcsec),
+        ("x", fit.x, u.pix),
+        ("delta_x", fit.x_err, u.pix),
+        ("y", fit.y, u.pix),
+        ("delta_y", fit.y_err, u.pix),
+        ("flux", flux_ujy, u.uJy),
+        ("delta_flux", dflux_ujy, u.uJy),
+        ("SNR", snr_col, None),
+        ("flux_ap", flux_ap, u.uJy),
+        ("delta_flux_ap", dflux_ap, u.uJy),
+        ("mag_vega", mag, u.mag),
+        ("delta_mag", dmag, u.mag),
+        ("bckgrnd", bkg[iy, ix], u.MJy / u.sr),
+        ("chi2_dof", fit.chi2_dof, None),
+        ("N_PS", fit.n_in_group.astype(np.int32), None),
+        ("deblend", ((fit.n_in_group > 1) | (seg > 1)).astype(np.int16), None),
+        ("coverage", cov[iy, ix] if cov is not None else np.full(n, np.nan), None),
+    ]
+    t = Table(
+        [values for _, values, _ in columns],
+        names=[name for name, _, _ in columns],
+        units=[unit for _, _, unit in columns],
+        copy=False,
+    )
     t.meta.update(
         {
             "BAND": band_name,
@@ -514,6 +531,13 @@ def extract_sources(
         }
     )
     return t
+
+
+def _masked_difference(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """a - b where `valid`, 0 elsewhere (np.where(valid, a - b, 0.0) without the temporary)."""
+    out = np.zeros_like(a)
+    np.subtract(a, b, out=out, where=valid)
+    return out
 
 
 def _default_box(fwhm_px: float, shape: tuple[int, ...]) -> int:

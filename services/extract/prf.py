@@ -147,7 +147,7 @@ def fit_point_sources(
     total = st.total(flux, prof)
 
     # Covariance from the undamped normal matrix at the solution.
-    hd, hp, _ = st.normal_equations((prof, flux[:, None] * dpx, flux[:, None] * dpy), None)
+    hd, hp, _ = st.normal_equations(_jacobian(prof, dpx, dpy, flux), None)
     var = st.blocks().inverse_diagonal(hd, hp)
 
     resid_u = st.data_u - total
@@ -211,8 +211,7 @@ def _iterate_groups(
     k = 0
     while k < max_iter:
         k += 1
-        jac = (prof, fs[:, None] * dpx, fs[:, None] * dpy)
-        hd, hp, grad = st.normal_equations(jac, st.data_u - total)
+        hd, hp, grad = st.normal_equations(_jacobian(prof, dpx, dpy, fs), st.data_u - total)
         diag = np.diagonal(hd, axis1=1, axis2=2)
         diag_safe = np.where(diag > 0, diag, 1.0)
         # Stop tolerance per source: tol_px or tol_sigma x its position error (conditional on
@@ -304,7 +303,7 @@ def fit_common_fwhm(
     prof, dpx, dpy, dps, total, chi2 = state(x, y, flux, s)
     lam = 1e-3
     for _ in range(max_iter):
-        jac = (prof, flux[:, None] * dpx, flux[:, None] * dpy)
+        jac = _jacobian(prof, dpx, dpy, flux)
         resid = st.data_u - total
         hd, hp, grad = st.normal_equations(jac, resid)
         js_u = st.total(flux, dps)  # d model / d sigma at every pixel (all sources)
@@ -355,6 +354,16 @@ def fit_common_fwhm(
                 max_iter=max_iter, tol=tol,
             )
     return s * FWHM_PER_SIGMA
+
+
+def _jacobian(prof: np.ndarray, dpx: np.ndarray, dpy: np.ndarray, flux: np.ndarray) -> np.ndarray:
+    """The model's derivatives in (flux, x, y) on every stamp pixel, (3, n, stamp pixels): the
+    unit profile and the flux times its position derivatives, written in place."""
+    j3 = np.empty((3, *prof.shape))
+    j3[0] = prof
+    np.multiply(flux[:, None], dpx, out=j3[1])
+    np.multiply(flux[:, None], dpy, out=j3[2])
+    return j3
 
 
 def _trial(
@@ -443,7 +452,7 @@ class _Stamps:
         self.e_sj = (aj * size + bj)[pk, sk]
         self.e_fi = self.pair_i[self.e_pair] * size * size + self.e_si
         self.e_fj = self.pair_j[self.e_pair] * size * size + self.e_sj
-        self.e_start = np.flatnonzero(np.r_[True, np.diff(self.e_pair) != 0]) if pk.size else pk
+        self.e_start = _run_starts(self.e_pair) if pk.size else pk
         self.group = _connected_components(n, self.pair_i, self.pair_j)
         # Group owning each weighted pixel (unweighted pixels add nothing to any chi^2).
         self.pixel_group = np.zeros(self.n_u, dtype=np.int64)
@@ -480,9 +489,12 @@ class _Stamps:
         out.e_si, out.e_sj = self.e_si[ek], self.e_sj[ek]
         out.e_fi = out.pair_i[out.e_pair] * s2 + out.e_si
         out.e_fj = out.pair_j[out.e_pair] * s2 + out.e_sj
-        out.e_start = (np.flatnonzero(np.r_[True, np.diff(out.e_pair) != 0])
-                       if out.e_pair.size else out.e_pair)
-        labels, out.group = np.unique(self.group[src], return_inverse=True)
+        out.e_start = _run_starts(out.e_pair) if out.e_pair.size else out.e_pair
+        # The groups present, renumbered in increasing order (np.unique without its sort).
+        present = np.zeros(self.n_groups, dtype=bool)
+        present[self.group[src]] = True
+        labels = np.flatnonzero(present)
+        out.group = (np.cumsum(present) - 1)[self.group[src]]
         out.n_groups = labels.size
         out._blocks = None
         # Pixels of the other groups go to an extra group that no chi^2 reads.
@@ -533,13 +545,12 @@ class _Stamps:
         return chi2[: self.n_groups]
 
     def normal_equations(
-        self, jac: tuple[np.ndarray, np.ndarray, np.ndarray], resid_u: np.ndarray | None
+        self, j3: np.ndarray, resid_u: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """J^T W J as per-source 3x3 blocks (n, 3, 3) and per-pair blocks (pairs, 3, 3), and
-        the gradient J^T W r (n, 3) (zeros when `resid_u` is None). `jac` holds the model's
-        derivatives in flux, x and y on every stamp pixel, three (n, stamp pixels) arrays."""
-        n = jac[0].shape[0]
-        j3 = np.stack(jac)  # (3, n, stamp pixels)
+        the gradient J^T W r (n, 3) (zeros when `resid_u` is None). `j3` holds the model's
+        derivatives in flux, x and y on every stamp pixel, (3, n, stamp pixels) (`_jacobian`)."""
+        n = j3.shape[1]
         jw = j3 * self.w_st
         hd = np.empty((n, 3, 3))
         for a in range(3):
@@ -574,8 +585,10 @@ class _Blocks:
         # source's index within its group.
         g_order = np.lexsort((np.arange(sizes.size), sizes))
         g_sorted = sizes[g_order]
-        cls_sizes, cls_first, cls_count = np.unique(g_sorted, return_index=True,
-                                                    return_counts=True)
+        # The size classes: runs of equal sizes in the sorted sizes (np.unique without a sort).
+        cls_first = _run_starts(g_sorted)
+        cls_sizes = g_sorted[cls_first]
+        cls_count = np.diff(np.append(cls_first, g_sorted.size))
         slot = np.empty(sizes.size, dtype=np.int64)
         slot[g_order] = np.arange(sizes.size) - np.repeat(cls_first, cls_count)
         d_cls = 3 * cls_sizes
@@ -685,7 +698,15 @@ def _connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         if np.array_equal(new, lab):
             break
         lab = new
-    return np.unique(lab, return_inverse=True)[1].astype(np.int64)
+    # Each label is its component's lowest node (which is its own label): components are
+    # numbered in order of their lowest node (np.unique(lab, return_inverse=True) without a sort).
+    roots = lab == np.arange(n)
+    return (np.cumsum(roots) - 1)[lab].astype(np.int64)
+
+
+def _run_starts(keys: np.ndarray) -> np.ndarray:
+    """Indices where a run of equal values starts in the (non-empty) 1-D array `keys`."""
+    return np.concatenate([[0], np.flatnonzero(keys[1:] != keys[:-1]) + 1])
 
 
 def _stamp_profile_1d(

@@ -63,3 +63,14 @@ def test_common_fwhm_rejects_a_blend() -> None:
     assert plain > 3.05
     # the extraction's FWHM measurement uses the rejection
     assert estimate_fwhm_px(img, w, guess_px=3.3) == pytest.approx(3.0, rel=0.02)
+
+
+def test_source_mask_growth_matches_maximum_filter() -> None:
+    from services.extract.detect import _grow
+
+    rng = np.random.default_rng(4)
+    for shape in ((60, 47), (3, 9), (1, 5)):
+        mask = rng.random(shape) > 0.97
+        for size in (1, 3, 5, 9):
+            np.testing.assert_array_equal(_grow(mask, size),
+                                          ndimage.maximum_filter(mask, size=size))

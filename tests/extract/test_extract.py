@@ -203,3 +203,36 @@ def test_without_unc_map_uses_background_rms():
     assert found.mean() >= 0.9
     ratio = np.asarray(t["flux"])[idx[found]] / np.asarray(m.truth["flux_ujy"])[found]
     assert abs(np.median(ratio) - 1.0) <= 0.03
+
+
+def _clipped_stats_per_row(row: np.ndarray, *, nsigma: float, n_iter: int):
+    """Reference: the clipped level / RMS / count of one row, a loop over masks."""
+    v = np.sort(row[np.isfinite(row)])
+    kept = v
+    for _ in range(n_iter):
+        if kept.size == 0:
+            break
+        med, std = np.median(kept), np.std(kept)
+        kept = v[(v >= med - nsigma * std) & (v <= med + nsigma * std)]
+    if kept.size == 0:
+        return np.nan, np.nan, 0
+    med, mean, std = np.median(kept), np.mean(kept), np.std(kept) / 0.9866
+    level = 2.5 * med - 1.5 * mean if abs(mean - med) < 0.3 * max(std, 1e-30) else med
+    return level, (std if kept.size > 1 else np.nan), kept.size
+
+
+def test_clipped_mesh_stats_match_a_per_row_loop():
+    from services.extract.background import _clipped_mesh_stats
+
+    rng = np.random.default_rng(5)
+    cells = rng.normal(10.0, 2.0, size=(40, 300))
+    cells[:, :20] += rng.exponential(30.0, size=(40, 20))  # sources: an upper tail
+    cells[rng.random(cells.shape) < 0.2] = np.nan  # missing pixels
+    cells[3, 150:] = 1e4  # a row whose clip moves by far more than one step
+    cells[7] = np.nan  # an empty row
+    cells[9, 1:] = np.nan  # a single value
+    level, rms, cnt = _clipped_mesh_stats(cells.copy(), nsigma=3.0, n_iter=5)
+    for r in range(cells.shape[0]):
+        want = _clipped_stats_per_row(cells[r], nsigma=3.0, n_iter=5)
+        assert cnt[r] == want[2]
+        np.testing.assert_allclose([level[r], rms[r]], want[:2], rtol=1e-9, equal_nan=True)

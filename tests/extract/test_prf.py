@@ -108,3 +108,18 @@ def test_refit_of_free_groups_only_keeps_the_others():
     assert np.all(np.isfinite(refit.flux_err))
     assert np.all(refit.chi2[:n_grid] > first.chi2[:n_grid])
     assert refit.chi2[n_grid] == pytest.approx(first.chi2[n_grid], rel=0.05)
+
+
+def test_connected_components_match_scipy():
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from services.extract.prf import _connected_components
+
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        n, m = int(rng.integers(1, 40)), int(rng.integers(0, 50))
+        i, j = rng.integers(0, n, m), rng.integers(0, n, m)
+        _, want = connected_components(coo_matrix((np.ones(m), (i, j)), shape=(n, n)),
+                                       directed=False)
+        np.testing.assert_array_equal(_connected_components(n, i, j), want)
