@@ -14,6 +14,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from shared import fitsio
+from shared.errors import BadData
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +80,9 @@ class BCDFrame:
         key: str = "",
     ) -> BCDFrame:
         """Build a frame from opened FITS files; a missing uncertainty is estimated from the
-        frame's robust scatter, a missing mask is all zero."""
+        frame's robust scatter, a missing mask is all zero. Data in DN/s are converted to
+        MJy/sr with the header's FLUXCONV (and BUNIT, HISTORY say so); any other BUNIT, or
+        none, is refused (ValueError), since every flux downstream assumes MJy/sr."""
         header = bcd[0].header.copy()
         data = np.asarray(bcd[0].data, dtype=np.float32)
         if data.ndim != 2:
@@ -98,17 +101,101 @@ class BCDFrame:
             raise ValueError(
                 f"BCD, uncertainty and mask shapes differ: {data.shape}, {unc.shape}, {m.shape}"
             )
+        to_mjysr = surface_brightness_factor(header)
+        if to_mjysr != 1.0:
+            data = (data * to_mjysr).astype(np.float32)
+            unc = (unc * to_mjysr).astype(np.float32)
+            header["HISTORY"] = (
+                f"skybus: {header['BUNIT']} x FLUXCONV {to_mjysr:g} -> MJy/sr (data and unc)"
+            )
+            header["BUNIT"] = "MJy/sr"
         return cls(data=data, unc=unc, mask=m.astype(np.int32), header=header, key=key)
 
 
+_MJYSR = {"mjy/sr", "mjy sr-1", "mjy sr**-1", "mjy/steradian", "mjy.sr**-1", "mjy sr^-1"}
+_DN_PER_S = {"dn/s", "dn/sec", "dn s-1", "dn s**-1", "dn.s**-1", "dn s^-1", "adu/s"}
+
+
+def surface_brightness_factor(header: Mapping[str, object]) -> float:
+    """Factor that turns a BCD's pixel values into MJy/sr, from BUNIT (and FLUXCONV for DN/s).
+
+    Raises ValueError, saying what to set, when BUNIT is missing or not a known unit.
+    """
+    raw = header.get("BUNIT")
+    if raw is None or not str(raw).strip():
+        raise ValueError(
+            "BCD header has no BUNIT: set BUNIT = 'MJy/sr' (Spitzer BCDs), or 'DN/s' together "
+            "with FLUXCONV (MJy/sr per DN/s)"
+        )
+    unit = " ".join(str(raw).strip().lower().split())
+    if unit in _MJYSR:
+        return 1.0
+    if unit in _DN_PER_S:
+        conv = header.get("FLUXCONV")
+        try:
+            factor = float(conv)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            factor = float("nan")
+        if not np.isfinite(factor) or factor <= 0:
+            raise ValueError(
+                f"BCD is in {raw} but FLUXCONV is {conv!r}: add FLUXCONV (MJy/sr per DN/s) "
+                "to convert it"
+            )
+        return factor
+    raise ValueError(
+        f"BCD BUNIT {raw!r} is not a surface brightness skybus can use: MJy/sr, or DN/s with "
+        "FLUXCONV"
+    )
+
+
+def frame_problem(frame: BCDFrame) -> str | None:
+    """Why `frame` cannot be mosaicked or measured (inconsistent arrays, no usable pixel, no
+    celestial WCS), or None when it can."""
+    if not frame.has_consistent_arrays:
+        return "data, unc and mask shapes differ or are not 2-D"
+    for k in ("CTYPE1", "CTYPE2", "CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2"):
+        if k not in frame.header:
+            return f"no {k} in the header: the frame has no usable celestial WCS"
+    try:
+        wcs = frame.wcs
+    except Exception as exc:  # astropy raises many types for a bad WCS; all mean the same
+        return f"WCS cannot be parsed ({exc})"
+    if not wcs.has_celestial:
+        return "CTYPE1/2 are not celestial: the frame has no usable WCS"
+    if not np.all(np.isfinite(wcs.wcs.crval)):
+        return "CRVAL1/2 are not finite"
+    if not np.any(np.isfinite(frame.data) & np.isfinite(frame.unc)):
+        return "no finite pixel"
+    return None
+
+
 async def read_frames(
-    read_fits: Callable[[str], Awaitable[fits.HDUList]], members: Iterable[Mapping[str, str]]
+    read_fits: Callable[[str], Awaitable[fits.HDUList]],
+    members: Iterable[Mapping[str, str]],
+    *,
+    on_bad: Callable[[str, str], None] | None = None,
 ) -> list[BCDFrame]:
     """Load frames listed as {"key": bcd, "bunc": key or "", "mask": key or ""} (the members
-    of an AOR group, or a mosaic's frames manifest) through `read_fits`."""
+    of an AOR group, or a mosaic's frames manifest) through `read_fits`.
+
+    Without `on_bad` an unreadable frame raises; with it, a frame that cannot be read or used
+    (`frame_problem`) is reported as on_bad(bcd key, reason) and left out, so that one bad file
+    does not cost the rest of the group.
+    """
     frames = []
     for m in members:
-        bunc = await read_fits(m["bunc"]) if m.get("bunc") else None
-        mask = await read_fits(m["mask"]) if m.get("mask") else None
-        frames.append(BCDFrame.from_hdus(await read_fits(m["key"]), bunc, mask, key=m["key"]))
+        try:
+            bunc = await read_fits(m["bunc"]) if m.get("bunc") else None
+            mask = await read_fits(m["mask"]) if m.get("mask") else None
+            frame = BCDFrame.from_hdus(await read_fits(m["key"]), bunc, mask, key=m["key"])
+        except (OSError, ValueError, TypeError, IndexError, BadData) as exc:
+            if on_bad is None:
+                raise
+            on_bad(m["key"], f"cannot be read as a BCD ({exc})")
+            continue
+        problem = frame_problem(frame) if on_bad is not None else None
+        if problem is not None and on_bad is not None:
+            on_bad(m["key"], problem)
+            continue
+        frames.append(frame)
     return frames

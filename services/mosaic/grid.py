@@ -271,6 +271,30 @@ def native_pixel_arcsec(frame: BCDFrame) -> float:
     )
 
 
+def stray_frames(
+    frames: list[BCDFrame] | tuple[BCDFrame, ...], *, max_separation_deg: float = 5.0
+) -> list[tuple[int, float]]:
+    """(index, separation in degrees) of the frames whose centre lies more than
+    `max_separation_deg` from the median centre of all of them: one AOR and band covers at most
+    a few degrees, so such a frame has a wrong WCS (or belongs elsewhere) and would stretch the
+    output grid over the sky."""
+    if len(frames) < 3:
+        return []
+    centres = np.array(
+        [
+            pixel_to_vectors(f.header, np.array((f.data.shape[1] - 1) / 2.0),
+                             np.array((f.data.shape[0] - 1) / 2.0))
+            for f in frames
+        ]
+    ).reshape(len(frames), 3)
+    median = np.median(centres, axis=0)
+    norm = float(np.linalg.norm(median))
+    if norm < 1e-6:
+        return []
+    sep = np.degrees(np.arccos(np.clip(centres @ (median / norm), -1.0, 1.0)))
+    return [(int(i), float(sep[i])) for i in np.flatnonzero(sep > max_separation_deg)]
+
+
 def output_grid(
     frames: list[BCDFrame] | tuple[BCDFrame, ...], *, pixel_arcsec: float, margin_px: int = 2
 ) -> OutputGrid:

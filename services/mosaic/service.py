@@ -14,7 +14,7 @@ import json
 import msgspec
 
 from shared import fitsio
-from shared.bcd import read_frames
+from shared.bcd import BCDFrame, read_frames
 from shared.errors import BadData, Skip
 from shared.instruments import mips
 from shared.messages import Envelope, Group, ProductRef
@@ -73,7 +73,9 @@ class MosaicService(Service):
         if not arrival.trigger:
             raise Skip(f"waiting for the group: {len(arrival.members)}/{ref.group.count} BCDs")
         members = [json.loads(arrival.members[i]) for i in sorted(arrival.members)]
-        frames = await read_frames(ctx.read_fits, members)
+        frames = await self._usable_frames(members, ctx)
+        used = {f.key for f in frames}
+        members = [m for m in members if m["key"] in used]
         c = self.config
         mosaic = await ctx.run(
             build_mosaic,
@@ -134,6 +136,27 @@ class MosaicService(Service):
             )
         )
         ctx.group_done_after_publish(ref.group.id, ref.version)
+
+    async def _usable_frames(
+        self, members: list[dict[str, str]], ctx: Context
+    ) -> list[BCDFrame]:
+        """The group's frames that can be read and placed on the sky; each one that cannot is
+        a dead letter naming it, and the mosaic is made from the others."""
+        from services.mosaic.grid import stray_frames
+
+        def bad(key: str, reason: str) -> None:
+            ctx.dead_letter(f"{reason}; the mosaic is made without it", item=key)
+
+        frames = await read_frames(ctx.read_fits, members, on_bad=bad)
+        strays = dict(stray_frames(frames))
+        for i, sep in strays.items():
+            bad(frames[i].key, f"its centre is {sep:.1f} deg from the other frames' (wrong WCS, "
+                "or a frame of another field)")
+        frames = [f for i, f in enumerate(frames) if i not in strays]
+        if not frames:
+            raise BadData(f"none of the group's {len(members)} BCDs can be used (see the dead "
+                          "letters of each)")
+        return frames
 
     async def _tauvex_level2(self, ref: ProductRef, ctx: Context) -> None:
         from services.decode.service import tauvex_name

@@ -22,7 +22,13 @@ from services.mosaic import (
     mosaic_hdus,
     quicklook_png,
 )
-from services.mosaic.grid import OutputGrid, TanSip, _unit_vector, pixel_to_vectors
+from services.mosaic.grid import (
+    OutputGrid,
+    TanSip,
+    _unit_vector,
+    pixel_to_vectors,
+    stray_frames,
+)
 from shared.bcd import BCDFrame
 from shared.instruments import mips
 
@@ -183,3 +189,17 @@ def test_first_dce_dropped_and_errors(field) -> None:
     ]
     with pytest.raises(ValueError, match="fatal_bits"):
         build_mosaic(masked)
+
+
+def test_stray_frames_are_found_by_their_distance_from_the_others(field) -> None:
+    """A frame whose WCS puts it far from the rest of the group (a wrong CRVAL) is named, the
+    others are not; fewer than 3 frames have no majority to compare against."""
+    frames, _truth = field
+    group = [dataclasses.replace(f, header=f.header.copy()) for f in frames[:8]]
+    assert stray_frames(group) == []
+    group[5].header["CRVAL1"] = 0.0
+    group[5].header["CRVAL2"] = 0.0
+    strays = stray_frames(group)
+    assert [i for i, _ in strays] == [5]
+    assert strays[0][1] > 100.0
+    assert stray_frames(group[4:6]) == []
