@@ -15,6 +15,7 @@ from astropy.wcs import WCS
 
 from shared import fitsio
 from shared.errors import BadData
+from shared.instruments import mips
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +95,9 @@ class BCDFrame:
             mad = np.median(np.abs(finite - np.median(finite))) if finite.size else 1.0
             unc = np.full(data.shape, max(1.4826 * float(mad), 1e-12), dtype=np.float32)
         if mask is not None:
-            m = np.asarray(mask[0].data).astype(np.int64) & 0xFFFF
+            m = ge_mask_in_skybus_bits(
+                np.asarray(mask[0].data).astype(np.int64) & 0xFFFF, header
+            )
         else:
             m = np.zeros(data.shape, dtype=np.int64)
         if unc.shape != data.shape or m.shape != data.shape:
@@ -110,6 +113,16 @@ class BCDFrame:
             )
             header["BUNIT"] = "MJy/sr"
         return cls(data=data, unc=unc, mask=m.astype(np.int32), header=header, key=key)
+
+
+def ge_mask_in_skybus_bits(mask: np.ndarray, header: Mapping[str, object]) -> np.ndarray:
+    """A Ge (70/160 um) status mask in skybus's bit layout: masks written by other tools use
+    the Ge pmask's bit 8 for the 70 um bad half, which skybus keeps in `MaskBit.BAD_HALF`
+    (fatal); skybus's own masks never set bit 8, so they pass unchanged."""
+    if int(header.get("CHNLNUM", 0) or 0) not in (2, 3):  # type: ignore[call-overload]
+        return mask
+    half = (mask & mips.GE_PMASK_BAD_HALF) != 0
+    return np.where(half, mask | int(mips.MaskBit.BAD_HALF), mask)
 
 
 _MJYSR = {"mjy/sr", "mjy sr-1", "mjy sr**-1", "mjy/steradian", "mjy.sr**-1", "mjy sr^-1"}

@@ -102,3 +102,17 @@ def test_frame_problem_names_what_is_wrong() -> None:
     assert "celestial" in str(frame_problem(BCDFrame(ok.data, ok.unc, ok.mask, h)))
     nan = np.full_like(ok.data, np.nan)
     assert "finite" in str(frame_problem(BCDFrame(nan, ok.unc, ok.mask, ok.header)))
+
+
+@pytest.mark.parametrize("channel", [1, 2])
+def test_ge_masks_from_other_tools_flag_the_bad_half(channel: int) -> None:
+    """A 70 um mask with the Ge pmask's bad-half bit (8) set on the bad half makes those
+    pixels unusable; at 24 um bit 8 is not the bad half and stays as it is."""
+    bcd = _bcd("MJy/sr")
+    bcd[0].header["CHNLNUM"] = channel
+    mask = np.zeros((16, 16), np.int16)
+    mask[8:] = mips.GE_PMASK_BAD_HALF
+    f = BCDFrame.from_hdus(bcd, _unc(), fits.HDUList([fits.PrimaryHDU(mask)]))
+    usable = f.usable_pixels(mips.FATAL_BITS)
+    assert usable[:8].all()
+    assert usable[8:].any() == (channel == 1)
