@@ -339,6 +339,14 @@ class _Scanner:
         self.close_open("the end of the file", self.n)
 
 
+def first_valid_packet(data: bytes, limit: int = 1 << 18) -> int | None:
+    """Byte offset of the first complete, CRC-valid MIPS packet in the first `limit` bytes,
+    or None: the content test that tells MIPS telemetry whose first packet is damaged."""
+    if not data:
+        return None
+    return _Scanner(bytes(data)).resync(0, limit=limit)
+
+
 def split_aor_telemetry(data: bytes) -> MipsSplit:
     """Cut a MIPS AOR telemetry file (concatenated CCSDS packets) into complete DCEs.
 
@@ -360,11 +368,13 @@ def split_aor_telemetry(data: bytes) -> MipsSplit:
 
 _DCE_NAME = re.compile(
     r"^SPITZER_(?P<inst>[MI])(?P<ch>\d)_(?P<aor>\d+)_(?P<expid>\d{4})_(?P<dce>\d{4})_"
-    r"(?P<ver>\d+)_(?P<type>[a-z0-9]+)\.fits(?:\.gz)?$"
+    r"(?P<ver>\d+)_(?P<type>[a-z0-9]+)\.fits(?:\.gz)?$",
+    re.IGNORECASE,
 )
 _PBCD_NAME = re.compile(
     r"^SPITZER_(?P<inst>[MI])(?P<ch>\d)_(?P<aor>\d+)_(?P<expid>\d{4})_(?P<ver>\d+)_"
-    r"(?P<ens>[EA]\d+)_(?P<type>[a-z0-9]+)\.fits(?:\.gz)?$"
+    r"(?P<ens>[EA]\d+)_(?P<type>[a-z0-9]+)\.fits(?:\.gz)?$",
+    re.IGNORECASE,
 )
 #: Per-DCE product types and their level.
 RAW_TYPES = frozenset({"raw", "dce"})
@@ -418,7 +428,7 @@ def recognise_spitzer_fits(
     pm = None if m else _PBCD_NAME.match(base)
     info: SpitzerFileInfo | None = None
     if m:
-        ptype = m["type"]
+        ptype = m["type"].lower()
         level: Level
         if ptype in RAW_TYPES:
             level = "raw"
@@ -427,18 +437,18 @@ def recognise_spitzer_fits(
         else:
             level = "raw" if str(_hget(header, "BUNIT") or "").strip() == "DN" else "bcd"
         info = SpitzerFileInfo(
-            _INSTRUMENTS[m["inst"]], int(m["ch"]), int(m["aor"]), int(m["expid"]),
+            _INSTRUMENTS[m["inst"].upper()], int(m["ch"]), int(m["aor"]), int(m["expid"]),
             int(m["dce"]), int(m["ver"]), level, ptype, True,
         )  # fmt: skip
     elif pm:
         info = SpitzerFileInfo(
-            _INSTRUMENTS[pm["inst"]], int(pm["ch"]), int(pm["aor"]), int(pm["expid"]),
-            None, int(pm["ver"]), "pbcd", pm["type"], True,
+            _INSTRUMENTS[pm["inst"].upper()], int(pm["ch"]), int(pm["aor"]), int(pm["expid"]),
+            None, int(pm["ver"]), "pbcd", pm["type"].lower(), True,
         )  # fmt: skip
     if info is not None:
         _check_header_agrees(base, info, header)
         return info
-    return _from_header(header)
+    return _from_header(base, header)
 
 
 def _check_header_agrees(
@@ -468,7 +478,42 @@ def _check_header_agrees(
         )
 
 
-def _from_header(header: Mapping[str, Any] | None) -> SpitzerFileInfo | None:
+#: Status-mask product types (integer images).
+MASK_TYPES = frozenset({"bbmsk", "bmask", "brmsk", "bimsk", "rmask"})
+#: Product types a free-form name may carry, longest first ("fbcd" is not read as "bcd").
+_TYPE_WORDS = tuple(sorted(BCD_TYPES | RAW_TYPES, key=lambda t: (-len(t), t)))
+_FITS_SUFFIX = re.compile(r"\.fits?(\.gz)?$", re.IGNORECASE)
+
+
+def product_type_from_name(name: str) -> str | None:
+    """The per-DCE product type a file name carries, or None when it names none or several.
+
+    A Spitzer name gives its type; another name is split into words, and a word that is a
+    type, or starts or ends with one ("mybunc_003.fits" -> "bunc"), names it. Case does not
+    matter; the result is lower case.
+    """
+    base = os.path.basename(name.strip())
+    m = _DCE_NAME.match(base)
+    if m:
+        return m["type"].lower()
+    words = [w for w in re.split(r"[^a-z0-9]+", _FITS_SUFFIX.sub("", base.lower())) if w]
+    found = {w for w in words if w in BCD_TYPES or w in RAW_TYPES}
+    if not found:
+        for w in words:
+            hit = next((t for t in _TYPE_WORDS if w.startswith(t) or w.endswith(t)), None)
+            if hit is not None:
+                found.add(hit)
+    return found.pop() if len(found) == 1 else None
+
+
+def _from_header(name: str, header: Mapping[str, Any] | None) -> SpitzerFileInfo | None:
+    """Recognise a file by its header (its name is not a Spitzer name).
+
+    The product type comes from the FILENAME keyword, else from a type word in the file
+    name, else from the data: BUNIT 'DN' is raw, an integer image is a status mask, a float
+    image is taken for the BCD (a bunc cannot be told from a BCD by its header alone; two
+    files that claim the same BCD are reported by the grouping).
+    """
     if header is None:
         return None
     if str(_hget(header, "TELESCOP") or "").strip().lower() not in SPITZER_TELESCOP:
@@ -482,15 +527,19 @@ def _from_header(header: Mapping[str, Any] | None) -> SpitzerFileInfo | None:
         return None
     ch, aor, expid, dce = (int(v) for v in vals)
     bunit = str(_hget(header, "BUNIT") or "").strip()
+    filename = str(_hget(header, "FILENAME") or "").strip()
+    named = (product_type_from_name(filename) if filename else None) or product_type_from_name(name)
+    bitpix = _hget(header, "BITPIX")
+    integer = bitpix is not None and int(bitpix) > 0
     level: Level
-    if bunit == "DN":
-        level, ptype = "raw", "raw"
+    if bunit == "DN" or (named in RAW_TYPES and not integer):
+        level, ptype = "raw", named if named in RAW_TYPES else "raw"
+    elif integer:
+        # Integer BCD-level files are the per-DCE status masks.
+        level = "bcd"
+        default = "bbmsk" if inst == "MIPS" and ch == 1 else "bmask"
+        ptype = named if named in MASK_TYPES else default
     else:
         level = "bcd"
-        bitpix = _hget(header, "BITPIX")
-        if bitpix is not None and int(bitpix) > 0:
-            # Integer BCD-level files are the per-DCE status masks.
-            ptype = "bbmsk" if inst == "MIPS" and ch == 1 else "bmask"
-        else:
-            ptype = "bcd"
+        ptype = named if named in BCD_TYPES and named not in MASK_TYPES else "bcd"
     return SpitzerFileInfo(inst, ch, aor, expid, dce, None, level, ptype, False)

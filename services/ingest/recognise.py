@@ -2,28 +2,42 @@
 ISOCAM TDF + EOH.
 
 Recognition goes by content first (FITS header keywords, telemetry sync patterns), then by
-the mission's file-naming rules; names alone are never trusted for FITS.
+the mission's file-naming rules; names alone are never trusted for FITS. Gzip files are
+decompressed first and recognised by what they hold; every FITS file is checked whole
+(`fitscheck`) before it is trusted.
 """
 
 from __future__ import annotations
 
 import enum
 import io
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from astropy.io import fits
 
-from services.ingest import mips
+from services.ingest import fitscheck, mips
+from shared import ccsds
 from shared.instruments import isocam as ic
 from shared.instruments import tauvex as tv
 
 FITS_MAGIC = b"SIMPLE  ="
-CCSDS_VERSION_MASK = 0xE0
+GZIP_MAGIC = b"\x1f\x8b"
+#: Default cap on the size of a decompressed gzip input (IngestConfig.max_gunzip_mb).
+DEFAULT_MAX_GUNZIP_BYTES = 1024 << 20
+#: CCSDS primary headers that must chain from the file's start (fewer if the file ends).
+CCSDS_PROBE_PACKETS = 3
 
-BCD_TYPES = {"bcd", "cbcd", "fbcd", "ebcd"}
+#: BCD-level primaries: each is one frame of its AOR + channel group.
+PRIMARY_BCD_TYPES = {"bcd", "cbcd"}
+#: Per-DCE products carried beside their BCD, by companion role.
 UNC_TYPES = {"bunc", "cbunc"}
-MASK_TYPES = {"bbmsk", "bmask", "bimsk", "brmsk"}
+MASK_TYPES = {"bbmsk", "bmask", "bimsk"}
+FILTERED_TYPES = {"fbcd"}  #: Ge median-filtered BCD (carried, not used by mosaic)
+#: Known Spitzer per-DCE products the pipeline does not use: logged, not dead-lettered.
+UNUSED_TYPES = {"ebcd", "brmsk", "rmask"}
+BCD_TYPES = PRIMARY_BCD_TYPES | FILTERED_TYPES | {"ebcd"}
 RAW_TYPES = {"raw", "dce"}
 
 
@@ -76,11 +90,93 @@ def _is_isocam_eoh(header: fits.Header, data: bytes) -> bool:
         return any(h.name.upper() == ISOCAM_EOH_ROOT for h in hdul[1:])
 
 
-def classify(name: str, data: bytes) -> tuple[InputKind, fits.Header | None]:
-    """Recognise a submitted file; raises ValueError saying what was expected."""
+def gunzip(data: bytes, *, max_bytes: int = DEFAULT_MAX_GUNZIP_BYTES) -> bytes:
+    """The decompressed bytes of a gzip file (every member); ValueError when the stream is
+    corrupt or truncated, or when it would expand beyond `max_bytes`."""
+    out = bytearray()
+    rest = data
+    while rest.startswith(GZIP_MAGIC):
+        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            # max_length stops a small file that expands hugely before it fills the memory
+            out += inflater.decompress(rest, max_bytes - len(out) + 1)
+        except zlib.error as exc:
+            raise ValueError(f"corrupt gzip data ({exc}); re-download the file") from exc
+        if len(out) > max_bytes:
+            raise ValueError(
+                f"gzip file expands to more than {max_bytes} bytes (the ingest limit, "
+                "max_gunzip_mb): decompress it before submitting, or raise the limit"
+            )
+        if not inflater.eof:
+            raise ValueError(
+                f"truncated gzip file: the compressed stream ends after {len(data)} bytes "
+                f"({len(out)} bytes decompressed); re-download it"
+            )
+        rest = inflater.unused_data  # a next member, or padding (ignored)
+    return bytes(out)
+
+
+def _ccsds_chain(data: bytes) -> bool:
+    """True when the file opens with CCSDS telemetry packets: the first packets' primary
+    headers say version 0, type telemetry, and their lengths chain inside the file (ending
+    exactly at its end if it holds fewer than `CCSDS_PROBE_PACKETS` packets)."""
+    pos, n = 0, len(data)
+    for _ in range(CCSDS_PROBE_PACKETS):
+        if n - pos < ccsds.PRIMARY_HEADER_BYTES:
+            return False
+        ph = ccsds.PrimaryHeader.unpack(data, pos)
+        if ph.version != 0 or ph.packet_type != 0:
+            return False
+        pos += ph.packet_bytes
+        if pos > n:
+            return False
+        if pos == n:
+            return True
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Recognised:
+    """A submitted file as ingest sees it: what it is, and its name and bytes after any
+    gzip decompression (".gz" dropped from the name)."""
+
+    kind: InputKind
+    header: fits.Header | None  #: primary header of a FITS file
+    name: str
+    data: bytes
+    gzipped: bool = False
+
+
+def recognise(
+    name: str, data: bytes, *, max_gunzip_bytes: int = DEFAULT_MAX_GUNZIP_BYTES
+) -> Recognised:
+    """Recognise a submitted file, decompressing gzip first; raises ValueError saying what is
+    wrong or what was expected."""
     if not data:
         raise ValueError("file is empty")
+    if not data.startswith(GZIP_MAGIC):
+        kind, header = classify(name, data)
+        return Recognised(kind, header, name, data)
+    inner = gunzip(data, max_bytes=max_gunzip_bytes)
+    if not inner:
+        raise ValueError("gzip file holds no data")
+    if inner.startswith(GZIP_MAGIC):
+        raise ValueError("gzip file holds another gzip file: decompress it once before submitting")
+    inner_name = name[:-3] if name.lower().endswith(".gz") else name
+    kind, header = classify(inner_name, inner)
+    return Recognised(kind, header, inner_name, inner, gzipped=True)
+
+
+def classify(name: str, data: bytes) -> tuple[InputKind, fits.Header | None]:
+    """Recognise a submitted file (gzip is decompressed and its content recognised; use
+    `recognise` to get the decompressed bytes); raises ValueError saying what was expected."""
+    if not data:
+        raise ValueError("file is empty")
+    if data.startswith(GZIP_MAGIC):
+        r = recognise(name, data)
+        return r.kind, r.header
     if data.startswith(FITS_MAGIC):
+        fitscheck.check_fits(data)  # whole and readable, before any header is trusted
         header = _primary_header(data)
         if "CALTYPE" in header:
             return InputKind.CALIBRATION, header
@@ -107,12 +203,13 @@ def classify(name: str, data: bytes) -> tuple[InputKind, fits.Header | None]:
         return InputKind.ISOCAM_TDF, None
     if tv.SYNC_WORD in data[: 4 * tv.FRAME_BYTES]:
         return InputKind.TAUVEX_LEVEL0, None
-    # CCSDS space packets: version bits 000 and a telecommand/telemetry header
-    if len(data) >= 6 and data[0] & CCSDS_VERSION_MASK == 0:
+    # CCSDS packets from the first byte, or (first packet damaged) a CRC-valid MIPS packet
+    # near the start: the splitter then reports the damage
+    if _ccsds_chain(data) or mips.first_valid_packet(data) is not None:
         return InputKind.MIPS_TELEMETRY, None
     raise ValueError(
-        "unrecognised input: not FITS, not CCSDS telemetry (MIPS), no TAUVEX sync word and no "
-        "ISOCAM TDF buffer (sync 1ACFFC1D + ICAM); "
+        "unrecognised input: not FITS (or gzip FITS), not CCSDS telemetry (MIPS), no TAUVEX "
+        "sync word and no ISOCAM TDF buffer (sync 1ACFFC1D + ICAM); "
         "see `skybus run --help` for what can be submitted"
     )
 
@@ -138,7 +235,18 @@ class SpitzerProblem:
 class SpitzerSets:
     #: (instrument, channel, aorkey, "bcd"|"raw") -> members sorted by (expid, dcenum)
     groups: dict[tuple[str, int, int, str], list[SpitzerMember]]
+    #: files that cannot be used (dead letters)
     problems: list[SpitzerProblem]
+    #: known Spitzer products the pipeline does not use (logged, not dead-lettered)
+    ignored: list[SpitzerProblem] = field(default_factory=list)
+
+    def aor_channels(self) -> dict[tuple[str, int], tuple[int, ...]]:
+        """(instrument, aorkey) -> channels that have a group: the bands whose mosaics are
+        band-merged (as `aor_channels` of the telemetry path)."""
+        out: dict[tuple[str, int], set[int]] = defaultdict(set)
+        for inst, ch, aor, _level in self.groups:
+            out[(inst, aor)].add(ch)
+        return {k: tuple(sorted(v)) for k, v in out.items()}
 
 
 def _identity(name: str, header: fits.Header) -> tuple[str, int, int, int, int, str] | str:
@@ -151,44 +259,120 @@ def _identity(name: str, header: fits.Header) -> tuple[str, int, int, int, int, 
     except (TypeError, ValueError) as exc:
         return f"bad identity keyword ({exc})"
     if info is None:
-        return ("missing identity: need TELESCOP, INSTRUME, CHNLNUM, AORKEY, EXPID, DCENUM in "
-                "the header or a Spitzer file name")
+        return (
+            "missing identity: need TELESCOP, INSTRUME, CHNLNUM, AORKEY, EXPID, DCENUM in "
+            "the header or a Spitzer file name"
+        )
     if info.dcenum is None:
         return f"post-BCD product '{info.product_type}': submit the BCDs to mosaic them again"
-    return (info.instrument, info.channel, info.aorkey, info.expid, info.dcenum,
-            info.product_type)
+    return (info.instrument, info.channel, info.aorkey, info.expid, info.dcenum, info.product_type)
+
+
+_Dce = tuple[str, int, int, int, int]  #: (instrument, channel, aorkey, expid, dcenum)
+
+
+def _dce_text(dce: _Dce) -> str:
+    inst, ch, aor, expid, dcenum = dce
+    return f"{inst} ch{ch} AOR {aor} EXPID {expid} DCENUM {dcenum}"
+
+
+def _duplicates(what: str, dce: _Dce, names: list[str]) -> list[SpitzerProblem]:
+    """One problem per file when several files claim to be the same product of one DCE."""
+    out = []
+    for name in names:
+        others = ", ".join(n for n in names if n != name)
+        out.append(SpitzerProblem(
+            name,
+            f"{name}: {others} also claim(s) to be the {what} of {_dce_text(dce)}; none of "
+            "them is used. Keep one and submit again (a bunc or mask with a name or header "
+            "that does not say so is the usual cause: give the files their Spitzer names, "
+            "*_bcd/_bunc/_bbmsk.fits)",
+        ))  # fmt: skip
+    return out
 
 
 def group_spitzer_files(files: list[tuple[str, fits.Header | None]]) -> SpitzerSets:
-    """Group archive files per AOR + channel; attach bunc/mask companions to their BCD."""
+    """Group archive files per AOR + channel; attach bunc/mask/fbcd companions to their BCD.
+
+    Two files that claim to be the same product of the same DCE are both reported (neither
+    is used), never one silently replacing the other; a BCD without a usable celestial WCS
+    is reported; known products the pipeline does not use (ebcd, brmsk) are listed in
+    `ignored`.
+    """
     problems: list[SpitzerProblem] = []
-    primaries: dict[tuple[str, int, int, int, int, str], SpitzerMember] = {}
-    companions: list[tuple[tuple[str, int, int, int, int], str, str]] = []
+    ignored: list[SpitzerProblem] = []
+    claims: dict[tuple[_Dce, str], list[tuple[str, str]]] = defaultdict(list)
     for name, header in files:
         ident = _identity(name, header if header is not None else fits.Header())
         if isinstance(ident, str):
             problems.append(SpitzerProblem(name, f"{name}: {ident}"))
             continue
-        inst, ch, aor, expid, dce, kind = ident
-        if kind in BCD_TYPES - {"fbcd", "ebcd"} or kind in RAW_TYPES:
-            level = "bcd" if kind in BCD_TYPES else "raw"
-            primaries[(inst, ch, aor, expid, dce, level)] = SpitzerMember(name, kind, expid, dce)
+        inst, ch, aor, expid, dcenum, kind = ident
+        if kind in PRIMARY_BCD_TYPES or kind in RAW_TYPES:
+            role = "bcd" if kind in PRIMARY_BCD_TYPES else "raw"
         elif kind in UNC_TYPES:
-            companions.append(((inst, ch, aor, expid, dce), "bunc", name))
-        elif kind in MASK_TYPES - {"brmsk"}:
-            companions.append(((inst, ch, aor, expid, dce), "mask", name))
+            role = "bunc"
+        elif kind in MASK_TYPES:
+            role = "mask"
+        elif kind in FILTERED_TYPES:
+            role = "fbcd"
+        elif kind in UNUSED_TYPES:
+            ignored.append(
+                SpitzerProblem(name, f"{name}: Spitzer '{kind}' product, not used by the pipeline")
+            )
+            continue
         else:
-            problems.append(SpitzerProblem(name, f"{name}: product type '{kind}' is not used by "
-                                                 "the pipeline (skipped)"))
-    for (inst, ch, aor, expid, dce), role, name in companions:
-        member = primaries.get((inst, ch, aor, expid, dce, "bcd"))
-        if member is None:
-            problems.append(SpitzerProblem(name, f"{name}: {role} without its BCD (skipped)"))
+            problems.append(
+                SpitzerProblem(name, f"{name}: unknown Spitzer product type '{kind}' (skipped)")
+            )
+            continue
+        claims[((inst, ch, aor, expid, dcenum), role)].append((name, kind))
+    primaries: dict[tuple[_Dce, str], SpitzerMember] = {}
+    not_used: set[_Dce] = set()  # DCEs whose BCD was reported: their companions go too
+    headers = dict(files)
+    for (dce, role), claimants in claims.items():
+        if role not in ("bcd", "raw"):
+            continue
+        if len(claimants) > 1:
+            problems += _duplicates(role.upper(), dce, [n for n, _ in claimants])
+            not_used.add(dce)
+            continue
+        name, kind = claimants[0]
+        header = headers.get(name)
+        if role == "bcd" and header is not None:
+            wcs = fitscheck.celestial_wcs_problem(header)
+            if wcs is not None:
+                problems.append(SpitzerProblem(
+                    name, f"{name}: the BCD has no usable celestial WCS ({wcs}); it cannot be "
+                          "mosaicked: re-download it or repair its header",
+                ))  # fmt: skip
+                not_used.add(dce)
+                continue
+        primaries[(dce, role)] = SpitzerMember(name, kind, dce[3], dce[4])
+    for (dce, role), claimants in claims.items():
+        if role in ("bcd", "raw"):
+            continue
+        names = [n for n, _ in claimants]
+        member = primaries.get((dce, "bcd"))
+        if len(claimants) > 1:
+            problems += _duplicates(role, dce, names)
+        elif member is not None:
+            member.companions[role] = names[0]
+        elif dce in not_used:
+            problems.append(
+                SpitzerProblem(
+                    names[0],
+                    f"{names[0]}: {role} of a BCD that is not used (see its dead letter); skipped",
+                )
+            )
         else:
-            member.companions[role] = name
+            problems.append(SpitzerProblem(
+                names[0], f"{names[0]}: {role} without its BCD (skipped); submit it with its "
+                          "BCD (if the BCD was dead-lettered, see why)",
+            ))  # fmt: skip
     groups: dict[tuple[str, int, int, str], list[SpitzerMember]] = defaultdict(list)
-    for (inst, ch, aor, _e, _d, level), member in primaries.items():
-        groups[(inst, ch, aor, level)].append(member)
+    for ((inst, ch, aor, _e, _d), role), member in primaries.items():
+        groups[(inst, ch, aor, role)].append(member)
     for members in groups.values():
         members.sort(key=lambda m: (m.expid, m.dcenum))
-    return SpitzerSets(dict(groups), problems)
+    return SpitzerSets(dict(groups), problems, ignored)

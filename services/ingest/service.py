@@ -4,14 +4,17 @@ Consumes `skybus.input.>` (Submission: files placed in the store). Recognises ea
 MIPS CCSDS telemetry (split per DCE), Spitzer archive FITS (raw or BCD, entered at their
 level, grouped per AOR and channel), calibration FITS (registered for calibrate), TAUVEX
 Level 0 + attitude (Level 1 observations), ISOCAM TDF + EOH (one CTDF slice per observation).
-A file that cannot be used is dead-lettered with the
-reason; the other files of the submission go on.
+Gzip files are decompressed and enter as what they hold, named without ".gz". A file that
+cannot be used (unrecognised, truncated, a corrupt header, a BCD without a celestial WCS) is
+dead-lettered with the reason; the other files of the submission go on.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Annotated
 
 import msgspec
 from astropy.io import fits
@@ -25,13 +28,18 @@ from shared.subjects import Level
 
 
 class IngestConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Ingest has no tunables yet; unknown fields are an error."""
+    """Ingest parameters (env SKYBUS_INGEST_<FIELD>, or --set field=value); unknown fields are
+    an error."""
+
+    #: largest decompressed size of one gzip input, in MiB (a bigger one is dead-lettered)
+    max_gunzip_mb: Annotated[int, msgspec.Meta(gt=0)] = 1024
 
 
 @dataclass(slots=True)
 class _Input:
     obj: StoredObject
-    data: bytes
+    name: str  #: the file's name as ingested (".gz" dropped when it was decompressed)
+    data: bytes  #: the file's bytes as ingested (decompressed)
     kind: InputKind
     header: fits.Header | None
 
@@ -45,14 +53,17 @@ class IngestService(Service):
         if not isinstance(message, Submission):
             raise Skip(f"ingest takes submissions, not {type(message).__name__}")
         inputs: list[_Input] = []
+        max_gunzip_bytes = self.config.max_gunzip_mb << 20
         for obj in message.files:
             data = await ctx.read(obj.key)
             try:
-                kind, header = await ctx.run(recognise.classify, obj.name, data)
+                found = await ctx.run(
+                    recognise.recognise, obj.name, data, max_gunzip_bytes=max_gunzip_bytes
+                )
             except ValueError as exc:
                 ctx.dead_letter(f"{obj.name}: {exc}", item=obj.name)
                 continue
-            inputs.append(_Input(obj, data, kind, header))
+            inputs.append(_Input(obj, found.name, found.data, found.kind, found.header))
         by_kind: dict[InputKind, list[_Input]] = defaultdict(list)
         for item in inputs:
             by_kind[item.kind].append(item)
@@ -72,8 +83,8 @@ class IngestService(Service):
         instrument = str(header.get("INSTRUME", "UNKNOWN")).upper()
         channel = int(header.get("CHNLNUM", 0))
         caltype = str(header["CALTYPE"]).upper()
-        key = f"calibration/{instrument.lower()}/ch{channel}/{recognise.safe_name(item.obj.name)}"
-        await ctx.store.put(key, item.data, role="calibration", name=item.obj.name)
+        key = f"calibration/{instrument.lower()}/ch{channel}/{recognise.safe_name(item.name)}"
+        await ctx.store.put(key, item.data, role="calibration", name=item.name)
         await ctx.calibration.register(instrument, channel, caltype, key)
         ctx.log.info(
             "calibration_registered",
@@ -85,18 +96,34 @@ class IngestService(Service):
 
     async def _spitzer_fits(self, items: list[_Input], ctx: Context) -> None:
         """Archive FITS enter at their level; BCDs are grouped per AOR + channel with their
-        uncertainty and mask companions (matched by file stem)."""
-        sets = recognise.group_spitzer_files([(i.obj.name, i.header) for i in items])
-        by_name = {i.obj.name: i for i in items}
+        uncertainty, mask and filtered-BCD companions (matched by AOR, EXPID, DCENUM). Every
+        group carries the AOR's channels of this submission (`aor_channels`), so extract
+        band-merges the AOR's bands as it does for telemetry."""
+        unique: list[_Input] = []
+        seen: dict[str, str] = {}
+        for item in items:
+            digest = hashlib.sha256(item.data).hexdigest()
+            if digest in seen:
+                # the same file twice (e.g. x.fits beside x.fits.gz): one copy is enough
+                ctx.log.info("duplicate_file_ignored", file=item.obj.name, same_as=seen[digest])
+                continue
+            seen[digest] = item.obj.name
+            unique.append(item)
+        sets = recognise.group_spitzer_files([(i.obj.name, i.header) for i in unique])
+        by_name = {i.obj.name: i for i in unique}
         for problem in sets.problems:
             ctx.dead_letter(problem.reason, item=problem.name)
+        for problem in sets.ignored:
+            ctx.log.info("spitzer_product_not_used", file=problem.name, reason=problem.reason)
+        aor_channels = sets.aor_channels()
         for (instrument, channel, aorkey, level), members in sets.groups.items():
+            channels = ",".join(map(str, aor_channels[(instrument, aorkey)]))
             group_id = f"{instrument}-{aorkey}-ch{channel}-{level}"
             for index, member in enumerate(members):
                 primary = by_name[member.primary]
-                files = [ProductFile(member.kind, member.primary, primary.data)]
+                files = [ProductFile(member.kind, primary.name, primary.data)]
                 files += [
-                    ProductFile(role, name, by_name[name].data)
+                    ProductFile(role, by_name[name].name, by_name[name].data)
                     for role, name in member.companions.items()
                 ]
                 identity = f"{instrument}.{level}.{aorkey}.{channel}.{member.expid}.{member.dcenum}"
@@ -114,7 +141,7 @@ class IngestService(Service):
                         version=version,
                         parents=(primary.obj.key,),
                         group=Group(group_id, index, len(members)),
-                        meta={"origin": "archive"},
+                        meta={"origin": "archive", "aor_channels": channels},
                     )
                 )
 

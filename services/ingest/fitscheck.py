@@ -1,0 +1,223 @@
+"""Whether a submitted FITS file can be trusted: complete, readable headers, and (for a BCD) a
+usable celestial WCS. Checked at ingest, so a bad file is stopped with its name and reason
+instead of failing a whole AOR downstream.
+
+Pure functions on bytes and headers; the FITS rules are those of the FITS standard 4.0
+(2880-byte blocks, 80-character ASCII cards, data size from BITPIX, NAXISn, PCOUNT, GCOUNT).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
+from astropy.wcs import WCS
+
+from shared import fitsio
+
+BLOCK_BYTES = 2880
+CARD_BYTES = 80
+#: Keywords made of upper-case letters, digits, hyphen and underscore (FITS 4.0 sect. 4.1.2.1).
+_KEYWORD = re.compile(r"[A-Z0-9_-]{0,8}")
+#: Cards whose text after column 8 is free text, not a value.
+_COMMENTARY = frozenset({"", "COMMENT", "HISTORY", "CONTINUE"})
+#: (longitude, latitude) prefixes of celestial CTYPEs: equatorial, galactic, ecliptic, ...
+_CELESTIAL_PAIRS = (("RA--", "DEC-"), ("GLON", "GLAT"), ("ELON", "ELAT"), ("SLON", "SLAT"))
+
+
+class CorruptFitsError(ValueError):
+    """The bytes are not a whole, readable FITS file (truncated, or a corrupt header)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HduLayout:
+    """Where one HDU lies in the file, as its header says."""
+
+    index: int
+    header_start: int  #: byte offset of the header
+    data_start: int  #: byte offset of the data (after the header's last block)
+    data_bytes: int  #: data size the header implies, without the padding to a whole block
+
+
+def _card_text(image: bytes) -> str:
+    return image.decode("ascii", errors="replace")
+
+
+def _first_non_ascii(block: np.ndarray) -> int | None:
+    """Offset of the first byte outside printable ASCII (0x20-0x7E), or None."""
+    bad = np.flatnonzero((block < 0x20) | (block > 0x7E))
+    return int(bad[0]) if bad.size else None
+
+
+def _int(values: dict[str, object], key: str, index: int, default: int | None = None) -> int:
+    """A structural keyword's integer value; `CorruptFitsError` when missing or not an integer."""
+    value = values.get(key, default)
+    if value is None:
+        raise CorruptFitsError(
+            f"header of HDU {index} lacks {key}: not a valid FITS header; re-download the file"
+        )
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CorruptFitsError(
+            f"header of HDU {index} has {key} = {value!r}, not an integer: not a valid FITS "
+            "header; re-download the file"
+        )
+    return value
+
+
+def _data_bytes(values: dict[str, object], index: int) -> int:
+    """Data size in bytes implied by the structural keywords (FITS 4.0 eqs. 1 and 2)."""
+    bitpix = _int(values, "BITPIX", index)
+    naxis = _int(values, "NAXIS", index)
+    if bitpix not in (8, 16, 32, 64, -32, -64) or not 0 <= naxis <= 999:
+        raise CorruptFitsError(
+            f"header of HDU {index} has BITPIX = {bitpix}, NAXIS = {naxis}: not a valid FITS "
+            "header; re-download the file"
+        )
+    if naxis == 0:
+        return 0
+    axes = [_int(values, f"NAXIS{k}", index) for k in range(1, naxis + 1)]
+    if any(n < 0 for n in axes):
+        raise CorruptFitsError(f"header of HDU {index} has a negative axis length {axes}")
+    if values.get("GROUPS") is True and axes[0] == 0:
+        axes = axes[1:]  # random groups: NAXIS1 = 0 is a flag, not an axis
+    pcount = _int(values, "PCOUNT", index, default=0)
+    gcount = _int(values, "GCOUNT", index, default=1)
+    return abs(bitpix) // 8 * gcount * (pcount + math.prod(axes))
+
+
+def _read_header(data: bytes, start: int, index: int) -> tuple[int, dict[str, object]]:
+    """Check one header from `start`: printable ASCII, valid keywords, parsable values, an
+    END card. Returns (offset after the header's last block, structural keyword values)."""
+    n = len(data)
+    values: dict[str, object] = {}
+    previous = "(start of header)"
+    card_no = 0
+    pos = start
+    while True:
+        if pos + BLOCK_BYTES > n:
+            raise CorruptFitsError(
+                f"truncated: header of HDU {index} has no END card before the end of the file "
+                f"({n} bytes, last card read {previous}); re-download it"
+            )
+        block = np.frombuffer(data, dtype=np.uint8, count=BLOCK_BYTES, offset=pos)
+        bad = _first_non_ascii(block)
+        for k in range(BLOCK_BYTES // CARD_BYTES):
+            card_no += 1
+            if bad is not None and bad < (k + 1) * CARD_BYTES:
+                raise CorruptFitsError(
+                    f"corrupt header: card {card_no} of HDU {index} (after {previous}) holds "
+                    f"non-ASCII bytes (byte {pos + bad} of the file); the file is damaged: "
+                    "re-download it"
+                )
+            image = data[pos + k * CARD_BYTES : pos + (k + 1) * CARD_BYTES]
+            keyword = _card_text(image[:8]).rstrip()
+            if keyword == "END":
+                return pos + BLOCK_BYTES, values
+            if keyword == "HIERARCH":
+                previous = "HIERARCH"
+                continue
+            if _KEYWORD.fullmatch(keyword) is None:
+                raise CorruptFitsError(
+                    f"corrupt header: card {card_no} of HDU {index} (after {previous}) has an "
+                    f"invalid keyword {keyword!r}; the file is damaged: re-download it"
+                )
+            if keyword not in _COMMENTARY and image[8:10] == b"= ":
+                try:
+                    value = fits.Card.fromstring(_card_text(image)).value
+                except (VerifyError, ValueError) as exc:
+                    raise CorruptFitsError(
+                        f"corrupt header: card {card_no} of HDU {index} ({keyword}) has an "
+                        f"unparsable value {_card_text(image[10:40]).strip()!r}; the file is "
+                        "damaged: re-download it"
+                    ) from exc
+                if keyword in ("BITPIX", "GROUPS", "PCOUNT", "GCOUNT") or keyword.startswith(
+                    "NAXIS"
+                ):
+                    values[keyword] = value
+            previous = keyword or previous
+        pos += BLOCK_BYTES
+
+
+def check_fits(data: bytes) -> list[HduLayout]:
+    """Check that `data` is a whole FITS file: every header is printable ASCII with valid
+    keywords, parsable values and an END card, and every HDU's data (as its BITPIX, NAXISn,
+    PCOUNT, GCOUNT imply) is present. Missing padding after the last data is tolerated (the
+    data is whole). Raises `CorruptFitsError` (a ValueError) saying what is wrong and what to
+    do; returns the HDUs' layout."""
+    if not data.startswith(b"SIMPLE  ="):
+        raise CorruptFitsError("not a FITS file: it does not start with SIMPLE =")
+    layouts: list[HduLayout] = []
+    pos = 0
+    n = len(data)
+    while True:
+        index = len(layouts)
+        data_start, values = _read_header(data, pos, index)
+        size = _data_bytes(values, index)
+        present = n - data_start
+        if present < size:
+            where = "" if index == 0 else f" of HDU {index}"
+            raise CorruptFitsError(
+                f"truncated: header{where} promises {size} bytes of data, file has {present}; "
+                "re-download it"
+            )
+        layouts.append(HduLayout(index, pos, data_start, size))
+        pos = data_start + -(-size // BLOCK_BYTES) * BLOCK_BYTES
+        # anything after the last HDU that is not an extension (zero fill, special records)
+        # is not FITS structure: astropy ignores it, and so does this check
+        if pos >= n or not data.startswith(b"XTENSION", pos):
+            return layouts
+
+
+def _number(header: fits.Header, key: str) -> float | None:
+    """A finite numeric keyword, else None (missing, text, NaN, unparsable)."""
+    try:
+        value = header.get(key)
+    except (VerifyError, ValueError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def celestial_wcs_problem(header: fits.Header) -> str | None:
+    """Why `header` has no usable celestial WCS, or None when it has one.
+
+    Usable: CTYPE1/2 a longitude/latitude pair (RA/DEC, GLON/GLAT ...), numeric CRPIX1/2 and
+    CRVAL1/2 (latitude within +-90 deg), and a non-singular CD matrix or non-zero CDELT1/2;
+    astropy must then build a celestial WCS from these cards.
+    """
+    ctype = [str(header.get(f"CTYPE{k}", "")).strip().upper() for k in (1, 2)]
+    if not all(ctype):
+        missing = [f"CTYPE{k}" for k, c in zip((1, 2), ctype, strict=True) if not c]
+        return f"no {', '.join(missing)} in the header"
+    if (ctype[0][:4], ctype[1][:4]) not in _CELESTIAL_PAIRS:
+        return f"CTYPE1/2 = {ctype[0]!r}/{ctype[1]!r} are not a celestial longitude/latitude pair"
+    for key in ("CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2"):
+        if _number(header, key) is None:
+            return f"no numeric {key} in the header"
+    lat = _number(header, "CRVAL2")
+    if lat is not None and abs(lat) > 90:
+        return f"CRVAL2 = {lat} is not a latitude (|CRVAL2| <= 90 deg)"
+    cd_keys = ("CD1_1", "CD1_2", "CD2_1", "CD2_2")
+    if any(k in header for k in cd_keys):
+        for key in cd_keys:
+            if key in header and _number(header, key) is None:
+                return f"{key} is not a finite number"
+        a, b, c, d = (_number(header, k) or 0.0 for k in cd_keys)  # absent elements are 0
+        if a * d - b * c == 0:
+            return "the CD matrix is singular (no pixel scale)"
+    else:
+        scales = [_number(header, k) for k in ("CDELT1", "CDELT2")]
+        if not all(scales):
+            return "no pixel scale: neither a CD matrix nor non-zero CDELT1/CDELT2"
+    try:
+        wcs = WCS(fitsio.wcs_cards(header), relax=True, naxis=2)
+    except Exception as exc:  # wcslib reports a bad WCS through many exception types
+        return f"astropy cannot build the WCS ({exc})"
+    if not wcs.has_celestial:
+        return "astropy finds no celestial axes in the WCS"
+    return None

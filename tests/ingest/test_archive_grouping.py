@@ -1,0 +1,135 @@
+"""Grouping archive BCD sets: names in any case, product types from headers, no silent
+replacement of one product by another, fbcd carried, and the AOR's channels for band-merging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from astropy.io import fits
+
+from services.ingest.mips import product_type_from_name, recognise_spitzer_fits
+from services.ingest.recognise import group_spitzer_files
+from tests.ingest import archive
+
+
+@pytest.mark.parametrize(
+    ("name", "ptype"),
+    [
+        ("SPITZER_M1_17543424_0000_0001_2_bunc.FITS", "bunc"),
+        ("SPITZER_M1_17543424_0000_0001_2_BCD.fits", "bcd"),
+        ("spitzer_m1_17543424_0000_0001_2_bbmsk.Fits.GZ", "bbmsk"),
+    ],
+)
+def test_spitzer_names_in_any_case(name: str, ptype: str) -> None:
+    info = recognise_spitzer_fits(name, archive.header(1, dcenum=1))
+    assert info is not None and info.from_name
+    assert (info.instrument, info.product_type, info.dcenum) == ("MIPS", ptype, 1)
+
+
+def test_product_type_from_free_names() -> None:
+    assert product_type_from_name("mybunc_003.fits") == "bunc"
+    assert product_type_from_name("MYBBMSK_003.FITS") == "bbmsk"
+    assert product_type_from_name("field7_fbcd.fits") == "fbcd"  # not "bcd"
+    assert product_type_from_name("run2/frame-bcd-17.fits.gz") == "bcd"
+    assert product_type_from_name("frame_017.fits") is None
+    assert product_type_from_name("bcd_and_bunc.fits") is None  # two types: undecided
+
+
+def _custom_set(ch: int, n: int, *, filename_keyword: bool) -> dict[str, bytes]:
+    """Files named my<type>_<nnn>.fits (not Spitzer names); FILENAME in the header or not."""
+    files = {}
+    for k in range(n):
+        for kind in ("bcd", "bunc", archive.BANDS[ch][2]):
+            name = f"my{kind}_{k:03d}.fits"
+            files[name] = archive.product(
+                ch, dcenum=k, kind=kind, filename=name if filename_keyword else None
+            )
+    return files
+
+
+@pytest.mark.parametrize("filename_keyword", [True, False])
+def test_header_only_triplets_are_typed(tmp_path: Path, filename_keyword: bool) -> None:
+    for name, data in _custom_set(1, 3, filename_keyword=filename_keyword).items():
+        (tmp_path / name).write_bytes(data)
+    files = [(p.name, fits.getheader(p)) for p in sorted(tmp_path.iterdir())]
+    sets = group_spitzer_files(files)
+    assert not sets.problems, [p.reason for p in sets.problems]
+    (members,) = sets.groups.values()
+    assert [(m.primary, m.companions) for m in members] == [
+        (f"mybcd_{k:03d}.fits", {"bunc": f"mybunc_{k:03d}.fits", "mask": f"mybbmsk_{k:03d}.fits"})
+        for k in range(3)
+    ]
+
+
+def test_header_only_typing_order() -> None:
+    h = archive.header(1, dcenum=4)
+    h["FILENAME"] = "SPITZER_M1_17543424_0000_0004_2_bunc.fits"
+    # the FILENAME keyword wins over a submitted name
+    info = recognise_spitzer_fits("upload_bcd.fits", h)
+    assert info is not None and not info.from_name and info.product_type == "bunc"
+    del h["FILENAME"]
+    info = recognise_spitzer_fits("upload_bcd.fits", h)
+    assert info is not None and info.product_type == "bcd"
+    h["BITPIX"] = 16  # an integer image is a status mask whatever the name says
+    info = recognise_spitzer_fits("upload_bcd.fits", h)
+    assert info is not None and info.product_type == "bbmsk"
+
+
+def test_two_files_claiming_one_bcd_are_reported_not_overwritten() -> None:
+    # float images with no type in name or header: both are taken for the BCD of DCE 1
+    files = {archive.spitzer_name(1, 0, "bcd"): archive.product(1, dcenum=0)}
+    files["frame_a.fits"] = archive.product(1, dcenum=1)
+    files["frame_b.fits"] = archive.product(1, dcenum=1, kind="bunc")
+    files[archive.spitzer_name(1, 1, "bbmsk")] = archive.product(1, dcenum=1, kind="bbmsk")
+    sets = group_spitzer_files(archive.headers_of(files))
+    (members,) = sets.groups.values()
+    assert [m.primary for m in members] == [archive.spitzer_name(1, 0, "bcd")]
+    reasons = {p.name: p.reason for p in sets.problems}
+    assert set(reasons) == {"frame_a.fits", "frame_b.fits", archive.spitzer_name(1, 1, "bbmsk")}
+    assert reasons["frame_a.fits"].startswith(
+        "frame_a.fits: frame_b.fits also claim(s) to be the BCD of MIPS ch1 AOR 17543424 "
+        "EXPID 0 DCENUM 1; none of them is used"
+    )
+    assert "frame_a.fits also claim(s)" in reasons["frame_b.fits"]
+    # two uncertainty files for one BCD: both reported, the BCD goes on without one
+    files = archive.triplet(1, 2)
+    files["extra_bunc.fits"] = archive.product(1, dcenum=2, kind="bunc")
+    sets = group_spitzer_files(archive.headers_of(files))
+    (members,) = sets.groups.values()
+    assert members[0].companions == {"mask": archive.spitzer_name(1, 2, "bbmsk")}
+    both = {"extra_bunc.fits", archive.spitzer_name(1, 2, "bunc")}
+    assert {p.name for p in sets.problems} == both
+
+
+def test_fbcd_is_carried_with_its_bcd_and_unused_products_are_not_dead_letters() -> None:
+    files = {}
+    for dce in range(2):
+        files.update(archive.triplet(2, dce))
+        fbcd = archive.spitzer_name(2, dce, "fbcd")
+        files[fbcd] = archive.product(2, dcenum=dce, kind="fbcd", filename=fbcd)
+    ebcd = archive.spitzer_name(2, 0, "ebcd")
+    files[ebcd] = archive.product(2, kind="ebcd", filename=ebcd)
+    sets = group_spitzer_files(archive.headers_of(files))
+    assert not sets.problems, [p.reason for p in sets.problems]
+    (members,) = sets.groups.values()
+    assert [m.companions["fbcd"] for m in members] == [
+        archive.spitzer_name(2, d, "fbcd") for d in range(2)
+    ]
+    assert [p.name for p in sets.ignored] == [ebcd]
+    # an unknown product type is still bad input
+    odd = archive.spitzer_name(2, 0, "zzz")
+    sets = group_spitzer_files(archive.headers_of({odd: archive.product(2)}))
+    assert [p.name for p in sets.problems] == [odd]
+
+
+def test_aor_channels_of_a_24_and_70_um_archive_set() -> None:
+    files = {**archive.triplet(1, 0), **archive.triplet(1, 1), **archive.triplet(2, 0)}
+    sets = group_spitzer_files(archive.headers_of(files))
+    assert sorted(sets.groups) == [
+        ("MIPS", 1, archive.AORKEY, "bcd"),
+        ("MIPS", 2, archive.AORKEY, "bcd"),
+    ]
+    assert sets.aor_channels() == {("MIPS", archive.AORKEY): (1, 2)}
+    one_band = group_spitzer_files(archive.headers_of(archive.triplet(1, 0)))
+    assert one_band.aor_channels() == {("MIPS", archive.AORKEY): (1,)}
