@@ -17,7 +17,7 @@ import numpy as np
 from astropy.io import fits
 
 from services.mosaic.grid import GridError, OutputGrid, native_pixel_arcsec, output_grid
-from services.mosaic.outliers import find_outliers
+from services.mosaic.outliers import find_outliers, single_frame_spikes
 from services.mosaic.overlap import match_backgrounds
 from services.mosaic.resample import drizzle, map_frames
 from services.mosaic.selfflat import SelfFlatError, make_self_flat
@@ -233,13 +233,21 @@ def build_mosaic(
 
     outliers_per_frame = np.zeros(n, dtype=np.int64)
     rmasks = [np.zeros(f.data.shape, dtype=np.uint16) for f in frames]
-    if outlier_sigma is not None and idx.size >= min_coverage:
+    if outlier_sigma is not None:
+        # Per frame, its one-pixel spikes (judged only where the stack is too shallow).
+        spike_maps = [
+            single_frame_spikes(values[i], uncs[i], valid[i]).ravel() for i in idx.tolist()
+        ]
+        spikes = np.concatenate(spike_maps)[
+            samples.pixel + np.cumsum([0] + [m.size for m in spike_maps[:-1]])[samples.frame]
+        ]
         rejected, _median = find_outliers(
             samples,
             grid_shape=grid.shape,
             sigma=outlier_sigma,
             frac=outlier_frac,
             min_coverage=min_coverage,
+            spikes=spikes,
         )
         rej_frame = samples.frame[rejected]
         rej_pixel = samples.pixel[rejected]

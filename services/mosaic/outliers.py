@@ -8,11 +8,17 @@ neighbours (the JWST blot-derivative idea): on a bright, undersampled point sour
 samples of one output pixel legitimately differ by about that much (sub-pixel phase), so
 sources are not clipped while cosmic rays on flat sky are. Rejected samples go back to the
 input frames' rmask.
+
+Where a stack is too shallow to judge (coverage < `min_coverage`, e.g. a mosaic's edges),
+`single_frame_spikes` finds the pixels that stand out of their own frame more sharply than
+any point source can: a radiation hit or a hot pixel that no mask flagged (a BCD submitted
+without its bbmsk) would otherwise be coadded and detected as a source.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from services.mosaic.overlap import group_medians
 from services.mosaic.resample import Samples
@@ -33,6 +39,44 @@ def _neighbour_derivative(median: np.ndarray) -> np.ndarray:
     return deriv
 
 
+def single_frame_spikes(
+    data: np.ndarray,
+    unc: np.ndarray,
+    valid: np.ndarray,
+    *,
+    sigma: float = 5.0,
+    sharpness: float = 0.2,
+) -> np.ndarray:
+    """Pixels of one frame that differ from the median of their 5x5 neighbourhood by more
+    than `sigma` x unc while none of their 8 neighbours differs (in the same sense) by more
+    than `sharpness` x as much.
+
+    A point source sampled with FWHM >= 1.3 pixels (every MIPS and IRAC array) puts at least
+    ~0.3 of its peak excess into its brightest neighbour, so it is never a spike; a one-pixel
+    radiation hit or hot (or dead) pixel is. Only pixels whose 8 neighbours are all valid are
+    judged (a frame's edge or a masked neighbour hides a source's wings).
+    """
+    good = valid & np.isfinite(data) & np.isfinite(unc) & (unc > 0)
+    if not good.any():
+        return np.zeros(data.shape, dtype=bool)
+    filled = np.where(good, data, np.median(data[good])).astype(np.float64)
+    # The local level: a 5x5 median, so that one hit does not shift its neighbours' level.
+    excess = filled - ndimage.median_filter(filled, size=5, mode="nearest")
+    ring = np.ones((3, 3), dtype=bool)
+    ring[1, 1] = False
+    up = ndimage.maximum_filter(np.where(good, excess, -np.inf), footprint=ring,
+                                mode="constant", cval=-np.inf)
+    down = ndimage.minimum_filter(np.where(good, excess, np.inf), footprint=ring,
+                                  mode="constant", cval=np.inf)
+    size = np.abs(excess)
+    same_side = np.where(excess > 0, up, -down)  # the neighbours' largest excess of that sign
+    # Only pixels with all 8 neighbours valid are judged: at a frame's edge or beside masked
+    # pixels the neighbourhood cannot show a source's wings.
+    whole = ndimage.correlate(good.astype(np.int8), ring.astype(np.int8), mode="constant") == 8
+    return (good & whole & (size > sigma * np.where(good, unc, np.inf))
+            & (same_side < sharpness * size))
+
+
 def find_outliers(
     samples: Samples,
     *,
@@ -40,12 +84,15 @@ def find_outliers(
     sigma: float = 4.0,
     frac: float = 0.5,
     min_coverage: int = 3,
+    spikes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Boolean per sample (True = outlier) and the median image used as reference.
 
     `sigma` is the clipping threshold in units of the combined scale; `frac` the fraction of
     the local derivative tolerated (PSF undersampling, gradients inside an output pixel);
     `min_coverage` the least number of samples an output pixel needs to be judged at all.
+    `spikes` (per sample, from `single_frame_spikes`) are rejected where the stack is too
+    shallow to be judged.
     """
     rejected = np.zeros(samples.size, dtype=bool)
     median_img = np.full(grid_shape, np.nan)
@@ -62,4 +109,29 @@ def find_outliers(
     scale2 = unc**2 * (1.0 + 0.5 * np.pi / np.maximum(n, 1)) + (frac * deriv.ravel()[pix]) ** 2
     resid = samples.value.astype(np.float64) - ref
     rejected = judged[inverse] & (resid**2 > sigma**2 * scale2)
+    if spikes is not None and spikes.any():
+        rejected |= _spikes_to_reject(pix, samples, spikes, judged[inverse], sigma)
     return rejected, median_img
+
+
+def _spikes_to_reject(
+    pix: np.ndarray, samples: Samples, spikes: np.ndarray, judged: np.ndarray, sigma: float
+) -> np.ndarray:
+    """Spike samples to reject: all of them where the stack is too shallow to judge, and
+    where it is judged those deviating by > `sigma` x unc from the median of the stack's
+    other (non-spike) samples. Two hits in one shallow stack would otherwise carry the median
+    with them, and the derivative allowance (meant for undersampled sources, which are never
+    spikes) would keep them."""
+    out = spikes & ~judged
+    at_spike = np.isin(pix, pix[spikes & judged])
+    clean = at_spike & ~spikes
+    if not clean.any():
+        return out
+    cpix, cmed, _counts, _inverse = group_medians(pix[clean], samples.value[clean])
+    cand = np.flatnonzero(spikes & judged)
+    pos = np.minimum(np.searchsorted(cpix, pix[cand]), cpix.size - 1)
+    has_ref = cpix[pos] == pix[cand]
+    dev = np.abs(samples.value[cand].astype(np.float64) - cmed[pos])
+    far = has_ref & (dev > sigma * samples.unc[cand].astype(np.float64))
+    out[cand[far]] = True
+    return out

@@ -56,7 +56,7 @@ class MosaicService(Service):
             raise Skip(f"mosaic does not use {message.instrument} {message.product_type}")
 
     async def _post_bcd(self, ref: ProductRef, ctx: Context) -> None:
-        from services.mosaic.coadd import build_mosaic
+        from services.mosaic.coadd import NoUsableFramesError, build_mosaic
         from services.mosaic.pbcd import mosaic_hdus
         from services.mosaic.quicklook import quicklook_png
 
@@ -77,16 +77,25 @@ class MosaicService(Service):
         used = {f.key for f in frames}
         members = [m for m in members if m["key"] in used]
         c = self.config
-        mosaic = await ctx.run(
-            build_mosaic,
-            frames,
-            pixel_arcsec=c.pixel_arcsec or None,
-            # the first-frame effect is a MIPS detector property; other instruments keep DCENUM 0
-            drop_first_dce=c.drop_first_dce and ref.instrument == "MIPS",
-            self_flat=c.self_flat,
-            match_background=c.match_background,
-            outlier_sigma=c.outlier_sigma,
-        )
+        drop_first = c.drop_first_dce and ref.instrument == "MIPS"
+        try:
+            mosaic = await ctx.run(
+                build_mosaic,
+                frames,
+                pixel_arcsec=c.pixel_arcsec or None,
+                # the first-frame effect is a MIPS detector property; other instruments keep
+                # DCENUM 0
+                drop_first_dce=drop_first,
+                self_flat=c.self_flat,
+                match_background=c.match_background,
+                outlier_sigma=c.outlier_sigma,
+            )
+        except NoUsableFramesError as exc:
+            hint = ""
+            if drop_first and all(f.dcenum == 0 for f in frames):
+                hint = (" (every frame is DCENUM 0: to mosaic them anyway, set "
+                        "SKYBUS_MOSAIC_DROP_FIRST_DCE=false)")
+            raise BadData(f"{exc}{hint}") from exc
         o = ref.obs
         inst, ch, aor = ref.instrument, int(o.channel or 0), int(o.aorkey or 0)
         version = await ctx.version(f"{inst}.pbcd.{aor}.{ch}")
@@ -144,7 +153,10 @@ class MosaicService(Service):
         a dead letter naming it, and the mosaic is made from the others."""
         from services.mosaic.grid import stray_frames
 
+        problems: list[str] = []
+
         def bad(key: str, reason: str) -> None:
+            problems.append(f"{key}: {reason}")
             ctx.dead_letter(f"{reason}; the mosaic is made without it", item=key)
 
         frames = await read_frames(ctx.read_fits, members, on_bad=bad)
@@ -154,8 +166,9 @@ class MosaicService(Service):
                 "or a frame of another field)")
         frames = [f for i, f in enumerate(frames) if i not in strays]
         if not frames:
-            raise BadData(f"none of the group's {len(members)} BCDs can be used (see the dead "
-                          "letters of each)")
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise BadData(f"none of the group's {len(members)} BCDs can be used: "
+                          f"{problems[0] if problems else 'no frame'}{more}")
         return frames
 
     async def _tauvex_level2(self, ref: ProductRef, ctx: Context) -> None:

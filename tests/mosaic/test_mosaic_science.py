@@ -182,3 +182,59 @@ def test_first_dce_dropped_only_for_arrays_with_a_first_frame_effect(field) -> N
     ge = [relabel(f, CHNLNUM=2) for f in four]
     as70 = build_mosaic([relabel(ge[0], DCENUM=0), *ge[1:]], match_background=False)
     assert as70.n_frames_used == 4
+
+
+@pytest.mark.parametrize("fwhm_px", [1.3, 1.8, 2.4])
+def test_single_frame_spikes_find_hits_and_spare_point_sources(fwhm_px: float) -> None:
+    """One-pixel hits (bright or faint, either sign) are spikes; pixel-integrated Gaussian
+    point sources from 8 to 2000 sigma at every sub-pixel phase are not (every MIPS array
+    samples its PSF with FWHM >= 1.8 pixels, IRAC's with >= 1.3)."""
+    from scipy.special import erf
+
+    from services.mosaic.outliers import single_frame_spikes
+
+    rng = np.random.default_rng(5)
+    ny, nx, unc = 96, 96, 0.05
+    data = 20.0 + rng.normal(0.0, unc, (ny, nx))
+    s = fwhm_px / 2.3548
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    centres = [(12 + 14 * i + rng.uniform(-0.5, 0.5), 12 + 14 * j + rng.uniform(-0.5, 0.5))
+               for i in range(6) for j in range(6)]
+    amps = np.geomspace(8.0, 2000.0, len(centres)) * unc * 2 * np.pi * s * s
+    r2 = s * np.sqrt(2.0)
+    for (x0, y0), a in zip(centres, amps, strict=True):
+        gx = 0.5 * (erf((xx - x0 + 0.5) / r2) - erf((xx - x0 - 0.5) / r2))
+        gy = 0.5 * (erf((yy - y0 + 0.5) / r2) - erf((yy - y0 - 0.5) / r2))
+        data += a * gx * gy
+    hits = [(5, 5, 30.0), (90, 40, -40.0), (50, 6, 8.0), (6, 90, 200.0)]
+    for y, x, z in hits:
+        data[y, x] += z * unc
+    spikes = single_frame_spikes(data, np.full(data.shape, unc), np.ones(data.shape, bool))
+    assert all(spikes[y, x] for y, x, _ in hits)
+    assert np.count_nonzero(spikes) == len(hits)
+
+
+def test_hits_in_shallow_stacks_are_rejected(field) -> None:
+    """Where the stack is too shallow for the temporal clip (a mosaic's edge) a one-pixel hit
+    is still rejected, and so are two hits on one sky position in a 3-frame stack (their
+    median would otherwise follow them)."""
+    frames, _truth = field
+    three = [dataclasses.replace(f, data=f.data.copy()) for f in frames[1:4]]
+    noise = float(np.median(three[0].unc))
+    ra, dec = three[0].wcs.all_pix2world(64.0, 64.0, 0)
+    spots = []
+    for f in three[:2]:
+        x, y = (round(float(v)) for v in f.wcs.all_world2pix(ra, dec, 0))
+        f.data[y, x] += 50.0 * noise
+        spots.append((y, x))
+    three[2].data[125, 125] += 80.0 * noise  # near a corner only this frame covers
+    m = build_mosaic(three, match_background=False)
+    assert all(m.rmasks[i][y, x] for i, (y, x) in enumerate(spots))
+    assert m.rmasks[2][125, 125]
+    cra, cdec = three[2].wcs.all_pix2world(125.0, 125.0, 0)
+    cx, cy = (round(float(v)) for v in WCS(m.header).all_world2pix(cra, cdec, 0))
+    assert m.coverage[cy, cx] < 3  # the temporal clip could not judge it
+    # the two-hit sky position is clean in the mosaic
+    mx, my = (round(float(v)) for v in WCS(m.header).all_world2pix(ra, dec, 0))
+    local = m.image[my - 3 : my + 4, mx - 3 : mx + 4]
+    assert np.nanmax(np.abs(local - np.nanmedian(local))) < 10.0 * noise
