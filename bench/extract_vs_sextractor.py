@@ -177,8 +177,9 @@ def run(mosaic: Mosaic, truth: Table, *, runs: int = 3, workdir: Path | None = N
         "fluxes; aperture fluxes in the '(aperture)' row)",
         "sep": f"Background bw=bh={box} fw=fh=3; extract thresh {DETECT_SNR:g} with err = munc x "
         f"{scale:.3f} (matched-filter noise calibration), filter_type matched, Gaussian kernel "
-        f"FWHM {fwhm_px:.2f} px, minarea {MINAREA}; winpos centres; sum_circle r {r_px:.2f} px "
-        f"exact, / EE {ee:.4f}",
+        f"FWHM {fwhm_px:.2f} px, minarea {MINAREA}, pixel stack {max(300_000, img0.size)} "
+        f"(its default; 2,000,000 would add page faults, not compute); winpos centres; "
+        f"sum_circle r {r_px:.2f} px exact, / EE {ee:.4f}",
     }
 
     sex = common.tool_path("source-extractor") or common.tool_path("sex")
