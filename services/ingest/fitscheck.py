@@ -21,8 +21,9 @@ from shared import fitsio
 
 BLOCK_BYTES = 2880
 CARD_BYTES = 80
-#: Keywords made of upper-case letters, digits, hyphen and underscore (FITS 4.0 sect. 4.1.2.1).
-_KEYWORD = re.compile(r"[A-Z0-9_-]{0,8}")
+#: Keywords made of letters, digits, hyphen and underscore (FITS 4.0 sect. 4.1.2.1 wants upper
+#: case; lower case, which some writers produce and astropy reads, is tolerated).
+_KEYWORD = re.compile(r"[A-Za-z0-9_-]{0,8}")
 #: Cards whose text after column 8 is free text, not a value.
 _COMMENTARY = frozenset({"", "COMMENT", "HISTORY", "CONTINUE"})
 #: (longitude, latitude) prefixes of celestial CTYPEs: equatorial, galactic, ecliptic, ...

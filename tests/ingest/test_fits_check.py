@@ -84,6 +84,13 @@ def test_corrupt_header_cards_are_bad_input(keyword: bytes, garbage: bytes, reas
         classify(archive.spitzer_name(1, 9, "bcd"), data)
 
 
+def test_lower_case_keywords_are_tolerated() -> None:
+    """Lower-case keywords break the FITS standard but some writers produce them and astropy
+    reads them: such a file is not damaged."""
+    data = _damaged(b"EXPTIME =", b"exptime =")
+    assert len(check_fits(data)) == 1
+
+
 def test_celestial_wcs_rules() -> None:
     good = archive.header(1)
     assert celestial_wcs_problem(good) is None
