@@ -206,6 +206,23 @@ class GroupTracker:
                 complete=complete, trigger=trigger, members={int(k): v for k, v in members.items()}
             )
 
+    async def generation(self, group: Group, *, member_key: str) -> int:
+        """How many distinct products member `group.index` has brought to the group so far,
+        counting this one (1 the first time; the same number again for a redelivery of the same
+        `member_key`). Members whose own product versions differ (a band submitted again beside
+        one submitted for the first time) still meet in the same generation; a replay of the
+        level makes generation 2 of every member."""
+        key = subjects.kv_key("g", group.id, "members", group.index)
+        while True:
+            state, rev = await _kv_json(self.kv, key)
+            seen: list[str] = list((state or {}).get("seen", []))
+            if member_key in seen:
+                return seen.index(member_key) + 1
+            seen.append(member_key)
+            if await _kv_cas(self.kv, key, {"seen": seen}, rev):
+                return len(seen)
+            await asyncio.sleep(0.01)
+
     async def done(self, group_id: str, *, version: int) -> None:
         key = subjects.kv_key("g", group_id, f"v{version}")
         while True:

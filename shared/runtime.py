@@ -119,6 +119,11 @@ class Context:
             group, version=version, member_key=member_key, redelivered=self.redelivered
         )
 
+    async def generation(self, group: Group, *, member_key: str) -> int:
+        """This member's generation in `group` (see `bus.GroupTracker.generation`): use it as
+        the `version` of `arrive` where members' product versions may differ."""
+        return await self._runner.groups.generation(group, member_key=member_key)
+
     def group_done_after_publish(self, group_id: str, version: int) -> None:
         self._after_publish.append((group_id, version))
 

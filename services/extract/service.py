@@ -119,22 +119,22 @@ class ExtractService(Service):
         )
         if ref.group is None or ref.group.count < 2:
             return
-        arrival = await ctx.arrive(
-            ref.group,
-            version=ref.version,
-            member_key=json.dumps(
-                {
-                    "maic": ref.key,
-                    "frames": getattr(ref.file("frames"), "key", ""),
-                    "channel": ch,
-                    "sources": ctx.outputs[-1].companions[0].key,
-                }
-            ),
+        member = json.dumps(
+            {
+                "maic": ref.key,
+                "frames": getattr(ref.file("frames"), "key", ""),
+                "channel": ch,
+                "sources": ctx.outputs[-1].companions[0].key,
+            }
         )
+        # The bands of one submission meet in the same generation whatever their own product
+        # versions are (a band processed before has a higher one); a replay is the next one.
+        generation = await ctx.generation(ref.group, member_key=member)
+        arrival = await ctx.arrive(ref.group, version=generation, member_key=member)
         if not arrival.trigger:
             return
         await self._bandmerge(ref, arrival.members, ctx, frames_cache)
-        ctx.group_done_after_publish(ref.group.id, ref.version)
+        ctx.group_done_after_publish(ref.group.id, generation)
 
     async def _multiframe(
         self,

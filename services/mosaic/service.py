@@ -133,7 +133,8 @@ class MosaicService(Service):
                 version=version,
                 parents=parents,
                 group=Group(
-                    f"{inst}-{aor}-mosaics-v{ref.version}",
+                    # one band-merge group per submission (run); extract counts replays
+                    f"{inst}-{aor}-mosaics-{ref.run_id or 'norun'}",
                     channels.index(ch) if ch in channels else 0,
                     len(channels),
                 ),

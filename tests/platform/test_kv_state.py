@@ -69,3 +69,30 @@ async def test_version_counter(nats_server: EmbeddedNats) -> None:
     assert await reg.version("MIPS.bcd.1.1.2.3", source="S:57", redelivered=False) == 3
     assert await reg.version("MIPS.bcd.9.1.2.3", source="S:57", redelivered=False) == 1
     await nc.drain()
+
+
+async def test_generations_meet_members_whose_versions_differ(nats_server: EmbeddedNats) -> None:
+    """A band-merge group keyed by generation: the two bands of one submission meet in
+    generation 1 although one band's products are at version 2 (it was processed before); a
+    redelivery keeps its generation; a replay of both bands meets in generation 2."""
+    nc, kv = await _kv(nats_server.url, subjects.KV_GROUPS)
+    groups = bus.GroupTracker(kv)
+    b24, b70 = Group("MIPS-7-mosaics-run1", 0, 2), Group("MIPS-7-mosaics-run1", 1, 2)
+
+    async def arrive(group: Group, key: str, redelivered: bool = False) -> bus.GroupArrival:
+        gen = await groups.generation(group, member_key=key)
+        return await groups.arrive(group, version=gen, member_key=key, redelivered=redelivered)
+
+    first = await arrive(b24, "ch1_v2_sources")
+    assert not first.trigger
+    assert await groups.generation(b24, member_key="ch1_v2_sources") == 1  # redelivery
+    both = await arrive(b70, "ch2_v1_sources")
+    assert both.trigger and both.members == {0: "ch1_v2_sources", 1: "ch2_v1_sources"}
+    await groups.done(b24.id, version=1)
+    again = await arrive(b70, "ch2_v1_sources", redelivered=True)
+    assert again.complete and not again.trigger
+    # a replay of both bands: new products, generation 2, merged once more
+    assert not (await arrive(b70, "ch2_v2_sources")).trigger
+    replay = await arrive(b24, "ch1_v3_sources")
+    assert replay.trigger and replay.members == {0: "ch1_v3_sources", 1: "ch2_v2_sources"}
+    await nc.drain()
