@@ -99,3 +99,37 @@ def test_foreign_spitzer_bcds_make_a_mosaic_and_a_source_list(tmp_path: Path) ->
         )
         found += bool(sep.min() < 1.0)
     assert found >= 0.9 * len(bright), (found, len(bright))
+
+
+def _skybus_run(inputs: Path, out: Path, data: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", "run", str(inputs), "--out", str(out),
+         "--data", str(data), "--timeout", "120"],
+        capture_output=True, text=True, timeout=200,
+    )  # fmt: skip
+
+
+def test_bands_submitted_at_different_versions_are_band_merged(tmp_path: Path) -> None:
+    """24 um archive BCDs submitted alone, then 24 + 70 um of the same AOR submitted together
+    (so the 24 um products are at version 2, the 70 um ones at version 1): the second
+    submission still yields the AOR's band-merged list."""
+    from tests.ingest import archive
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    for ch in (1, 2):
+        for dcenum in range(1, 7):
+            for name, data in archive.triplet(ch, dcenum).items():
+                (second / name).write_bytes(data)
+                if ch == 1:
+                    (first / name).write_bytes(data)
+    store = tmp_path / "data"
+    one = _skybus_run(first, tmp_path / "out1", store)
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert not list((tmp_path / "out1").glob("*bandmerged*"))  # one band: nothing to merge
+    two = _skybus_run(second, tmp_path / "out2", store)
+    assert two.returncode == 0, two.stdout + two.stderr
+    m1 = next((tmp_path / "out2").glob("SPITZER_M1_*_maic.fits"))
+    assert m1.name.split("_")[4] == "2"  # the 24 um mosaic's second version
+    assert len(list((tmp_path / "out2").glob("*bandmerged.tbl"))) == 1, two.stdout
