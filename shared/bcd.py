@@ -166,17 +166,9 @@ def frame_problem(frame: BCDFrame) -> str | None:
     celestial WCS), or None when it can."""
     if not frame.has_consistent_arrays:
         return "data, unc and mask shapes differ or are not 2-D"
-    for k in ("CTYPE1", "CTYPE2", "CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2"):
-        if k not in frame.header:
-            return f"no {k} in the header: the frame has no usable celestial WCS"
-    try:
-        wcs = frame.wcs
-    except Exception as exc:  # astropy raises many types for a bad WCS; all mean the same
-        return f"WCS cannot be parsed ({exc})"
-    if not wcs.has_celestial:
-        return "CTYPE1/2 are not celestial: the frame has no usable WCS"
-    if not np.all(np.isfinite(wcs.wcs.crval)):
-        return "CRVAL1/2 are not finite"
+    wcs_problem = fitsio.celestial_wcs_problem(frame.header)
+    if wcs_problem is not None:
+        return f"{wcs_problem}: the frame has no usable celestial WCS"
     if not np.any(np.isfinite(frame.data) & np.isfinite(frame.unc)):
         return "no finite pixel"
     return None

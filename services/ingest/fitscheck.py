@@ -1,6 +1,6 @@
-"""Whether a submitted FITS file can be trusted: complete, readable headers, and (for a BCD) a
-usable celestial WCS. Checked at ingest, so a bad file is stopped with its name and reason
-instead of failing a whole AOR downstream.
+"""Whether a submitted FITS file can be trusted: complete, with readable headers (a BCD's
+celestial WCS is checked by `shared.fitsio.celestial_wcs_problem`). Checked at ingest, so a
+bad file is stopped with its name and reason instead of failing a whole AOR downstream.
 
 Pure functions on bytes and headers; the FITS rules are those of the FITS standard 4.0
 (2880-byte blocks, 80-character ASCII cards, data size from BITPIX, NAXISn, PCOUNT, GCOUNT).
@@ -15,9 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
-from astropy.wcs import WCS
-
-from shared import fitsio
 
 BLOCK_BYTES = 2880
 CARD_BYTES = 80
@@ -26,8 +23,6 @@ CARD_BYTES = 80
 _KEYWORD = re.compile(r"[A-Za-z0-9_-]{0,8}")
 #: Cards whose text after column 8 is free text, not a value.
 _COMMENTARY = frozenset({"", "COMMENT", "HISTORY", "CONTINUE"})
-#: (longitude, latitude) prefixes of celestial CTYPEs: equatorial, galactic, ecliptic, ...
-_CELESTIAL_PAIRS = (("RA--", "DEC-"), ("GLON", "GLAT"), ("ELON", "ELAT"), ("SLON", "SLAT"))
 
 
 class CorruptFitsError(ValueError):
@@ -171,54 +166,3 @@ def check_fits(data: bytes) -> list[HduLayout]:
         # is not FITS structure: astropy ignores it, and so does this check
         if pos >= n or not data.startswith(b"XTENSION", pos):
             return layouts
-
-
-def _number(header: fits.Header, key: str) -> float | None:
-    """A finite numeric keyword, else None (missing, text, NaN, unparsable)."""
-    try:
-        value = header.get(key)
-    except (VerifyError, ValueError):
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def celestial_wcs_problem(header: fits.Header) -> str | None:
-    """Why `header` has no usable celestial WCS, or None when it has one.
-
-    Usable: CTYPE1/2 a longitude/latitude pair (RA/DEC, GLON/GLAT ...), numeric CRPIX1/2 and
-    CRVAL1/2 (latitude within +-90 deg), and a non-singular CD matrix or non-zero CDELT1/2;
-    astropy must then build a celestial WCS from these cards.
-    """
-    ctype = [str(header.get(f"CTYPE{k}", "")).strip().upper() for k in (1, 2)]
-    if not all(ctype):
-        missing = [f"CTYPE{k}" for k, c in zip((1, 2), ctype, strict=True) if not c]
-        return f"no {', '.join(missing)} in the header"
-    if (ctype[0][:4], ctype[1][:4]) not in _CELESTIAL_PAIRS:
-        return f"CTYPE1/2 = {ctype[0]!r}/{ctype[1]!r} are not a celestial longitude/latitude pair"
-    for key in ("CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2"):
-        if _number(header, key) is None:
-            return f"no numeric {key} in the header"
-    lat = _number(header, "CRVAL2")
-    if lat is not None and abs(lat) > 90:
-        return f"CRVAL2 = {lat} is not a latitude (|CRVAL2| <= 90 deg)"
-    cd_keys = ("CD1_1", "CD1_2", "CD2_1", "CD2_2")
-    if any(k in header for k in cd_keys):
-        for key in cd_keys:
-            if key in header and _number(header, key) is None:
-                return f"{key} is not a finite number"
-        a, b, c, d = (_number(header, k) or 0.0 for k in cd_keys)  # absent elements are 0
-        if a * d - b * c == 0:
-            return "the CD matrix is singular (no pixel scale)"
-    else:
-        scales = [_number(header, k) for k in ("CDELT1", "CDELT2")]
-        if not all(scales):
-            return "no pixel scale: neither a CD matrix nor non-zero CDELT1/CDELT2"
-    try:
-        wcs = WCS(fitsio.wcs_cards(header), relax=True, naxis=2)
-    except Exception as exc:  # wcslib reports a bad WCS through many exception types
-        return f"astropy cannot build the WCS ({exc})"
-    if not wcs.has_celestial:
-        return "astropy finds no celestial axes in the WCS"
-    return None

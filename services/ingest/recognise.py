@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from astropy.io import fits
 
 from services.ingest import fitscheck, mips
-from shared import ccsds
+from shared import ccsds, fitsio
 from shared.instruments import isocam as ic
 from shared.instruments import tauvex as tv
 
@@ -340,7 +340,7 @@ def group_spitzer_files(files: list[tuple[str, fits.Header | None]]) -> SpitzerS
         name, kind = claimants[0]
         header = headers.get(name)
         if role == "bcd" and header is not None:
-            wcs = fitscheck.celestial_wcs_problem(header)
+            wcs = fitsio.celestial_wcs_problem(header)
             if wcs is not None:
                 problems.append(SpitzerProblem(
                     name, f"{name}: the BCD has no usable celestial WCS ({wcs}); it cannot be "

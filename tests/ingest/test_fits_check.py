@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from services.ingest.fitscheck import CorruptFitsError, celestial_wcs_problem, check_fits
+from services.ingest.fitscheck import CorruptFitsError, check_fits
 from services.ingest.recognise import InputKind, classify, group_spitzer_files
+from shared.fitsio import celestial_wcs_problem
 from tests.ingest import archive
 
 
