@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import math
 import re
-import warnings
 from collections.abc import Iterable, Sequence
 
 from astropy.io import fits
@@ -13,6 +12,7 @@ from astropy.io.fits.verify import VerifyError
 from astropy.table import Table
 from astropy.wcs import WCS
 
+from shared import fitscheck
 from shared.messages import utcnow
 
 CREATOR = "skybus 0.1.0"
@@ -26,19 +26,17 @@ def to_bytes(hdul: fits.HDUList) -> bytes:
 
 
 def open_bytes(data: bytes) -> fits.HDUList:
-    """Open FITS bytes fully in memory; raises ValueError with a readable reason if corrupt."""
+    """Open FITS bytes fully in memory; raises ValueError with a readable reason if corrupt.
+
+    The file's structure is checked first (`fitscheck`): astropy pads a truncated data unit
+    with zeros, or drops a truncated extension, and only warns."""
+    fitscheck.check_fits(data, all_values=False)
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            hdul = fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False)
-            for hdu in hdul:
-                _ = hdu.data  # force reading now, so truncation shows here and not later
+        hdul = fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False)
+        for hdu in hdul:
+            _ = hdu.data  # force reading now, so a bad data unit shows here and not later
     except (OSError, TypeError, IndexError, KeyError) as exc:
         raise ValueError(f"not a readable FITS file ({exc}); check the file is complete") from exc
-    for w in caught:
-        if "truncated" in str(w.message):
-            # astropy pads a short data unit with zeros and only warns: that is lost data
-            raise ValueError(f"FITS file is truncated ({w.message}); re-copy or re-download it")
     if len(hdul) == 0:
         raise ValueError("FITS file has no HDU")
     return hdul

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from astropy.io import fits
 
-from services.ingest import fitscheck, mips
-from shared import ccsds, fitsio
+from services.ingest import mips
+from shared import ccsds, fitscheck, fitsio
 from shared.instruments import isocam as ic
 from shared.instruments import tauvex as tv
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from services.ingest.fitscheck import CorruptFitsError, check_fits
 from services.ingest.recognise import InputKind, classify, group_spitzer_files
+from shared.fitscheck import CorruptFitsError, check_fits
 from shared.fitsio import celestial_wcs_problem
 from tests.ingest import archive
 

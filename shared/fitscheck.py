@@ -85,9 +85,15 @@ def _data_bytes(values: dict[str, object], index: int) -> int:
     return abs(bitpix) // 8 * gcount * (pcount + math.prod(axes))
 
 
-def _read_header(data: bytes, start: int, index: int) -> tuple[int, dict[str, object]]:
-    """Check one header from `start`: printable ASCII, valid keywords, parsable values, an
-    END card. Returns (offset after the header's last block, structural keyword values)."""
+_STRUCTURAL = ("BITPIX", "GROUPS", "PCOUNT", "GCOUNT")
+
+
+def _read_header(
+    data: bytes, start: int, index: int, *, all_values: bool
+) -> tuple[int, dict[str, object]]:
+    """Check one header from `start`: printable ASCII, valid keywords, parsable values (every
+    card's with `all_values`, else the structural ones'), an END card. Returns (offset after
+    the header's last block, structural keyword values)."""
     n = len(data)
     values: dict[str, object] = {}
     previous = "(start of header)"
@@ -121,7 +127,8 @@ def _read_header(data: bytes, start: int, index: int) -> tuple[int, dict[str, ob
                     f"corrupt header: card {card_no} of HDU {index} (after {previous}) has an "
                     f"invalid keyword {keyword!r}; the file is damaged: re-download it"
                 )
-            if keyword not in _COMMENTARY and image[8:10] == b"= ":
+            structural = keyword in _STRUCTURAL or keyword.startswith("NAXIS")
+            if (all_values or structural) and keyword not in _COMMENTARY and image[8:10] == b"= ":
                 try:
                     value = fits.Card.fromstring(_card_text(image)).value
                 except (VerifyError, ValueError) as exc:
@@ -130,20 +137,19 @@ def _read_header(data: bytes, start: int, index: int) -> tuple[int, dict[str, ob
                         f"unparsable value {_card_text(image[10:40]).strip()!r}; the file is "
                         "damaged: re-download it"
                     ) from exc
-                if keyword in ("BITPIX", "GROUPS", "PCOUNT", "GCOUNT") or keyword.startswith(
-                    "NAXIS"
-                ):
+                if structural:
                     values[keyword] = value
             previous = keyword or previous
         pos += BLOCK_BYTES
 
 
-def check_fits(data: bytes) -> list[HduLayout]:
+def check_fits(data: bytes, *, all_values: bool = True) -> list[HduLayout]:
     """Check that `data` is a whole FITS file: every header is printable ASCII with valid
     keywords, parsable values and an END card, and every HDU's data (as its BITPIX, NAXISn,
     PCOUNT, GCOUNT imply) is present. Missing padding after the last data is tolerated (the
-    data is whole). Raises `CorruptFitsError` (a ValueError) saying what is wrong and what to
-    do; returns the HDUs' layout."""
+    data is whole). `all_values=False` parses only the structural keywords' values (the cheap
+    check for every read of a stored product). Raises `CorruptFitsError` (a ValueError) saying
+    what is wrong and what to do; returns the HDUs' layout."""
     if not data.startswith(b"SIMPLE  ="):
         raise CorruptFitsError("not a FITS file: it does not start with SIMPLE =")
     layouts: list[HduLayout] = []
@@ -151,7 +157,7 @@ def check_fits(data: bytes) -> list[HduLayout]:
     n = len(data)
     while True:
         index = len(layouts)
-        data_start, values = _read_header(data, pos, index)
+        data_start, values = _read_header(data, pos, index, all_values=all_values)
         size = _data_bytes(values, index)
         present = n - data_start
         if present < size:
