@@ -198,8 +198,7 @@ async def read_frames(
                 raise
             on_bad(m["key"], f"cannot be read as a BCD ({exc})")
             continue
-        problem = frame_problem(frame) if on_bad is not None else None
-        if problem is not None and on_bad is not None:
+        if on_bad is not None and (problem := frame_problem(frame)) is not None:
             on_bad(m["key"], problem)
             continue
         frames.append(frame)

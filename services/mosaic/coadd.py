@@ -95,12 +95,11 @@ def _frame_identity(frame: BCDFrame) -> tuple[str, int, str]:
 
 
 def _has_first_frame_effect(frame: BCDFrame) -> bool:
-    """Whether DCENUM 0 of this frame's array is affected (MIPS 24 um Si:As, IRAC); the MIPS
-    Ge:Ga channels (CHNLNUM 2, 3) have no first-frame effect."""
+    """Whether DCENUM 0 of this frame's array is depressed: the MIPS 24 um Si:As array only.
+    The MIPS Ge:Ga channels (CHNLNUM 2, 3) have no first-frame effect, and other instruments'
+    DCENUM does not count DCEs within a MIPS cycle (every IRAC BCD is DCENUM 0)."""
     h = frame.header
-    if str(h.get("INSTRUME", "")).strip().upper() == "MIPS":
-        return int(h.get("CHNLNUM", 1)) == 1
-    return True
+    return str(h.get("INSTRUME", "")).strip().upper() == "MIPS" and int(h.get("CHNLNUM", 1)) == 1
 
 
 def build_mosaic(
@@ -126,7 +125,7 @@ def build_mosaic(
       INSTRUME='MIPS', else the frames' native scale. Ignored when `output_header` (a TAN
       header with NAXIS1/2) fixes the grid.
     - `fatal_bits`: mask bits whose pixels carry no flux. `drop_first_dce` skips DCENUM 0
-      of arrays with a first-frame effect (all but the MIPS Ge:Ga arrays, 70 and 160 um).
+      of arrays with a first-frame effect (the MIPS 24 um array).
     - `self_flat`: divide the frames by their own median flat first (needs >= 5 frames).
     - `match_background`: subtract per-frame offsets (sum 0) levelling the overlaps.
     - `outlier_sigma`: temporal clipping threshold (None skips it); `outlier_frac` the

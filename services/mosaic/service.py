@@ -25,7 +25,7 @@ from shared.subjects import Level
 class MosaicConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Mosaic parameters (env SKYBUS_MOSAIC_<FIELD>, or --set field=value)."""
 
-    drop_first_dce: bool = True  #: skip DCENUM 0 frames (MOPEX default; first-frame effect)
+    drop_first_dce: bool = True  #: skip MIPS 24 um DCENUM 0 frames (first-frame effect, as MOPEX)
     self_flat: bool = False  #: divide frames by their own median flat first
     match_background: bool = True  #: overlap: per-frame offsets, sum zero
     outlier_sigma: float = 4.0  #: temporal outlier threshold (sigma)
@@ -77,22 +77,19 @@ class MosaicService(Service):
         used = {f.key for f in frames}
         members = [m for m in members if m["key"] in used]
         c = self.config
-        drop_first = c.drop_first_dce and ref.instrument == "MIPS"
         try:
             mosaic = await ctx.run(
                 build_mosaic,
                 frames,
                 pixel_arcsec=c.pixel_arcsec or None,
-                # the first-frame effect is a MIPS detector property; other instruments keep
-                # DCENUM 0
-                drop_first_dce=drop_first,
+                drop_first_dce=c.drop_first_dce,  # build_mosaic knows which arrays it affects
                 self_flat=c.self_flat,
                 match_background=c.match_background,
                 outlier_sigma=c.outlier_sigma,
             )
         except NoUsableFramesError as exc:
             hint = ""
-            if drop_first and all(f.dcenum == 0 for f in frames):
+            if c.drop_first_dce and all(f.dcenum == 0 for f in frames):
                 hint = (" (every frame is DCENUM 0: to mosaic them anyway, set "
                         "SKYBUS_MOSAIC_DROP_FIRST_DCE=false)")
             raise BadData(f"{exc}{hint}") from exc
