@@ -32,7 +32,7 @@ bench-tools: tools
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(SRC) tests
-	$(BIN)/mypy shared services
+	$(BIN)/mypy $(SRC)
 
 unit: $(STAMP) tools
 	$(BIN)/python -m pytest -q

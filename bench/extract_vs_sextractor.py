@@ -10,7 +10,9 @@ SExtractor aperture fluxes are corrected with the same Gaussian encircled energy
 from __future__ import annotations
 
 import argparse
+import cProfile
 import math
+import pstats
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -44,6 +46,15 @@ class ExtractAccuracy:
     astrom_rms_arcsec: float  #: RMS radial offset of bright sources from truth
 
 
+@dataclass(frozen=True, slots=True)
+class Phase:
+    """One step of an extraction and its time per call (s)."""
+
+    label: str
+    seconds: float
+    sep_does: bool  #: whether sep's timed run does this step too
+
+
 @dataclass
 class ExtractBenchResult:
     shape: tuple[int, int]
@@ -52,6 +63,11 @@ class ExtractBenchResult:
     config: dict[str, str]
     sextractor_version: str
     notes: list[str] = field(default_factory=list)
+    #: skybus's steps (cProfile, per call, with profiling overhead) and their total
+    skybus_phases: list[Phase] = field(default_factory=list)
+    skybus_profile_total_s: float = float("nan")
+    #: sep's steps, timed one by one (median of the runs, no profiler)
+    sep_phases: list[Phase] = field(default_factory=list)
 
     @property
     def ratio(self) -> dict[str, float]:
@@ -67,6 +83,45 @@ class Catalogue:
     y: np.ndarray
     flux_ujy: np.ndarray
     snr: np.ndarray
+
+
+#: Steps of `extract_sources`: (function called by it, label, whether sep does the step too).
+#: A function missing here (renamed, or new) lands in "other".
+_SKYBUS_PHASES: tuple[tuple[str, str, bool], ...] = (
+    ("estimate_background", "background mesh and RMS map", True),
+    ("estimate_fwhm_px", "PSF FWHM measurement (joint fit of bright isolated sources)", False),
+    ("matched_filter", "matched filter and its noise calibration", True),
+    ("find_peaks", "peaks and segments (both detection passes)", True),
+    ("fit_point_sources", "PRF fits (main, residual-pass and clean-up refits)", False),
+    ("refilter", "residual-pass matched filter", False),
+    ("aperture_fluxes", "aperture photometry", True),
+    ("_celestial_wcs", "WCS from the header", False),
+    ("pixel_to_world_values", "pixel -> RA, Dec", False),
+    ("__init__", "output table (astropy Table)", False),
+)
+
+
+def profile_extract(call: object, n_calls: int = 10) -> tuple[list[Phase], float]:
+    """cProfile `n_calls` calls of `call` (an extract_sources closure): the time per call of
+    each function `extract_sources` calls directly, grouped as in `_SKYBUS_PHASES`, and the
+    total per call (profiling overhead included)."""
+    assert callable(call)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n_calls):
+        call()
+    prof.disable()
+    raw = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    key = next(k for k in raw if k[2] == "extract_sources" and "services/extract" in k[0])
+    total = raw[key][3] / n_calls
+    phases: list[Phase] = []
+    for fname, label, sep_does in _SKYBUS_PHASES:
+        # Time of `fname` when called from extract_sources itself (not from its helpers).
+        ct = sum(v[4][key][3] for k, v in raw.items() if k[2] == fname and key in v[4])
+        phases.append(Phase(label, ct / n_calls, sep_does))
+    phases.append(Phase("other (masks, weights, columns)",
+                        max(0.0, total - sum(p.seconds for p in phases)), False))
+    return phases, total
 
 
 def _gauss_conv(fwhm_px: float) -> str:
@@ -171,6 +226,30 @@ def run(mosaic: Mosaic, truth: Table, *, runs: int = 3, workdir: Path | None = N
     cats["sep"] = timings["sep"].result  # type: ignore[assignment]
     say(f"sep: median {timings['sep'].median_s:.3f} s, {cats['sep'].x.size} sources")
 
+    # Where each side's time goes: skybus under cProfile, sep's three calls timed one by one.
+    sky_phases, sky_total = profile_extract(run_skybus)
+    n_part = max(5, 3 * runs)
+    t_bkg = common.time_runs(
+        lambda: sep.Background(img0, mask=mask, bw=box, bh=box, fw=3, fh=3), n_part)
+    sub0 = img0 - t_bkg.result.back()
+    t_ext = common.time_runs(
+        lambda: sep.extract(sub0, DETECT_SNR, err=err, mask=mask, minarea=MINAREA,
+                            filter_kernel=kernel, filter_type="matched"), n_part)
+    objs = t_ext.result
+
+    def sep_photometry() -> None:
+        x, y, _ = sep.winpos(sub0, objs["x"], objs["y"], sig_px, mask=mask)
+        sep.sum_circle(sub0, x, y, r_px, err=err, mask=mask, subpix=0)
+
+    t_phot = common.time_runs(sep_photometry, n_part)
+    sep_phases = [
+        Phase("background mesh and RMS map (sep.Background)", t_bkg.median_s, True),
+        Phase("matched filter with the error map, thresholding, deblending (sep.extract)",
+              t_ext.median_s, True),
+        Phase("windowed centres and aperture photometry (sep.winpos, sep.sum_circle)",
+              t_phot.median_s, True),
+    ]
+
     config = {
         "skybus": f"extract_sources defaults (detect_sigma {DETECT_SNR:g}, band FWHM "
         f"{common.FWHM_ARCSEC}\", background box {box} px, aperture r = 1.2 FWHM, PRF-fit "
@@ -253,7 +332,9 @@ def run(mosaic: Mosaic, truth: Table, *, runs: int = 3, workdir: Path | None = N
     notes.append(f"noise calibration (matched-filter S/N RMS on truth-source-free pixels): "
                  f"munc x {scale:.3f}; skybus measured UNCSCALE {t.meta['UNCSCALE']:.3f} itself")
     return ExtractBenchResult(shape=mosaic.image.shape, timings=timings, accuracy=accuracy,
-                              config=config, sextractor_version=version, notes=notes)
+                              config=config, sextractor_version=version, notes=notes,
+                              skybus_phases=sky_phases, skybus_profile_total_s=sky_total,
+                              sep_phases=sep_phases)
 
 
 def _is_fits1(path: Path) -> bool:

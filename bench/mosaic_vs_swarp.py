@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import math
 import pstats
 import subprocess
@@ -242,8 +243,8 @@ def measure(image: np.ndarray, wcs: WCS, truth: _Truth, pixel_arcsec: float) -> 
     resid = np.where(truth.source_free & np.isfinite(image), image - truth.bkg_mjysr, np.nan)
     b = 16
     ny, nx = (s - s % b for s in resid.shape)
-    blocks = resid[:ny, :nx].reshape(ny // b, b, nx // b, b).transpose(0, 2, 1, 3)
-    blocks = blocks.reshape(ny // b, nx // b, b * b)
+    blocks = (resid[:ny, :nx].reshape(ny // b, b, nx // b, b).transpose(0, 2, 1, 3)
+              .reshape(ny // b, nx // b, b * b))
     nvalid = np.sum(np.isfinite(blocks), axis=2)
     with np.errstate(all="ignore"):
         meds = np.nanmedian(np.where(nvalid[..., None] >= b * b // 4, blocks, np.nan), axis=2)
@@ -340,7 +341,7 @@ def run(data: common.BenchBCDs, *, runs: int = 3, workdir: Path | None = None,
         for combine in combine_types:
             cmd = swarp_command(swarp, lst, workdir, combine)
             key = f"SWarp {combine}"
-            timings[key] = common.time_runs(lambda cmd=cmd: run_swarp(cmd), runs)
+            timings[key] = common.time_runs(functools.partial(run_swarp, cmd), runs)
             with fits.open(workdir / "coadd.fits") as h, \
                     fits.open(workdir / "coadd.weight.fits") as hw:
                 img = np.asarray(h[0].data, dtype=np.float64)
