@@ -476,6 +476,37 @@ def _check_header_agrees(
         raise SpitzerNameMismatchError(
             f"{name}: the name says {info.instrument} but INSTRUME={instrume!r}"
         )
+    _check_type_agrees(name, info, header)
+
+
+def _check_type_agrees(name: str, info: SpitzerFileInfo, header: Mapping[str, Any]) -> None:
+    """The product type in the name against the header: a Spitzer FILENAME keyword naming
+    another type of the same DCE, or (per-DCE BCD-level files) integer data in an image the
+    name calls a float product or the reverse, means a renamed file (a bunc saved as
+    `_bcd.fits` would otherwise be mosaicked as the BCD)."""
+    if info.dcenum is None:
+        return
+    filename = str(_hget(header, "FILENAME") or "").strip()
+    m = _DCE_NAME.match(os.path.basename(filename)) if filename else None
+    if m and m["type"].lower() != info.product_type:
+        raise SpitzerNameMismatchError(
+            f"{name}: the name says '{info.product_type}' but the header's FILENAME is "
+            f"{filename!r} ('{m['type'].lower()}'); the file was renamed: give it back its "
+            "FILENAME, or fix FILENAME if the header is the wrong one"
+        )
+    bitpix = _hget(header, "BITPIX")
+    naxis = _hget(header, "NAXIS")
+    if info.level != "bcd" or bitpix is None or not naxis:
+        return  # raw products keep integer counts; no image in the primary HDU: nothing to say
+    bscale = _hget(header, "BSCALE")
+    # Scaled integers (BSCALE != 1) hold float values; BZERO alone (unsigned masks) does not.
+    integer = int(bitpix) > 0 and (bscale is None or float(bscale) == 1.0)
+    if integer != (info.product_type in MASK_TYPES):
+        what = "a status mask (integer)" if info.product_type in MASK_TYPES else "a float image"
+        raise SpitzerNameMismatchError(
+            f"{name}: the name says '{info.product_type}', {what}, but the data have "
+            f"BITPIX={int(bitpix)}; the file was renamed: give it its own product type's name"
+        )
 
 
 #: Status-mask product types (integer images).

@@ -69,3 +69,26 @@ def test_not_spitzer() -> None:
     # Spitzer but not enough keywords to place it
     assert recognise_spitzer_fits("x.fits", _header(CHNLNUM=1)) is None
     assert recognise_spitzer_fits("SPITZER_M1_bad_name.fits") is None
+
+
+def test_renamed_product_type_is_refused() -> None:
+    """A bunc or mask saved under a `_bcd.fits` name is refused, not mosaicked as the BCD."""
+    ident = {"CHNLNUM": 1, "AORKEY": 12345678, "EXPID": 4, "DCENUM": 2, "NAXIS": 2}
+    name = "SPITZER_M1_12345678_0004_0002_1_bcd.fits"
+    bunc = _header(**ident, BITPIX=-32, FILENAME="SPITZER_M1_12345678_0004_0002_1_bunc.fits")
+    with pytest.raises(SpitzerNameMismatchError, match=r"FILENAME.*renamed"):
+        recognise_spitzer_fits(name, bunc)
+    with pytest.raises(SpitzerNameMismatchError, match="BITPIX=16"):
+        recognise_spitzer_fits(name, _header(**ident, BITPIX=16, BZERO=32768))
+    mask_name = name.replace("_bcd.", "_bbmsk.")
+    with pytest.raises(SpitzerNameMismatchError, match="status mask"):
+        recognise_spitzer_fits(mask_name, _header(**ident, BITPIX=-32))
+    # What agrees is accepted: FILENAME of the same type (another version), unsigned masks,
+    # scaled-integer float images, raw counts, FILENAME that is not a Spitzer product name.
+    same = _header(**ident, BITPIX=-32, FILENAME="SPITZER_M1_12345678_0004_0002_3_bcd.fits")
+    assert recognise_spitzer_fits(name, same) is not None
+    assert recognise_spitzer_fits(mask_name, _header(**ident, BITPIX=16, BZERO=32768))
+    assert recognise_spitzer_fits(name, _header(**ident, BITPIX=16, BSCALE=0.01))
+    raw = name.replace("_bcd.", "_raw.")
+    assert recognise_spitzer_fits(raw, _header(**ident, BITPIX=16, BUNIT="DN"))
+    assert recognise_spitzer_fits(name, _header(**ident, BITPIX=-32, FILENAME="MIPS.1.fits"))
