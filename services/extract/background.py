@@ -24,13 +24,19 @@ def _clipped_mesh_stats(
     s = cells
     nrow, ncol = s.shape
     nvalid = ncol - np.count_nonzero(np.isnan(s), axis=1)
-    # The sorted values with a trailing zero column, flat: entry (r, k) is at r * (ncol + 1) + k,
-    # so a run's end k = ncol still indexes inside. Runs never reach the NaNs.
-    z1 = np.zeros((nrow, ncol + 1))
-    z1[:, :ncol] = s
-    z1 = z1.ravel()
+    # The sorted values flat, each row followed by at least one spare entry: entry (r, k) is at
+    # r * stride + k, so a run's end k = nvalid still indexes inside. Runs never reach the NaNs.
+    if np.all(nvalid < ncol):
+        # Every row already ends with a NaN (callers pad a NaN column): no copy needed.
+        z1 = s.ravel()
+        stride = ncol
+    else:
+        z1 = np.zeros((nrow, ncol + 1))
+        z1[:, :ncol] = s
+        z1 = z1.ravel()
+        stride = ncol + 1
     z2 = z1 * z1
-    start = np.arange(nrow) * (ncol + 1)
+    start = np.arange(nrow) * stride
     bounds = np.empty((nrow, 2), dtype=np.int64)
     rows = np.arange(nrow)
     last = ncol - 1
@@ -146,19 +152,26 @@ def estimate_background(
     # cell would be noisy and is extrapolated from.
     gy, gx = max(1, round(ny / box)), max(1, round(nx / box))
     by, bx = -(-ny // gy), -(-nx // gx)
-    padded = np.full((gy * by, gx * bx), np.nan)
-    padded[:ny, :nx] = np.where(bad, np.nan, img)
-    cells = padded.reshape(gy, by, gx, bx).transpose(0, 2, 1, 3).reshape(gy * gx, by * bx)
-    real = np.zeros((gy * by, gx * bx), dtype=bool)
-    real[:ny, :nx] = True
-    area = real.reshape(gy, by, gx, bx).sum(axis=(1, 3)).ravel()
-    if np.may_share_memory(cells, padded):
-        cells = cells.copy()  # sorted in place below; `padded` is still needed
+    # The usable pixels' values (NaN elsewhere) and one spare NaN after them, gathered cell by
+    # cell: the cells' padding past the image edge points at the spare NaN, and each cell row
+    # ends with one more NaN, so that the sorted rows need no padded copy (_clipped_mesh_stats).
+    index_all, index_third = _cell_index(ny, nx, gy, gx, by, bx)
+    vals = np.empty(ny * nx + 1)
+    vals[-1] = np.nan
+    vals_2d = vals[:-1].reshape(ny, nx)
+    np.copyto(vals_2d, img)
+    np.copyto(vals_2d, np.nan, where=bad)
+    cells = vals[index_all]
+    # Real (in-image) pixels per cell: the last row/column of cells may be partial.
+    rows_in = np.clip(ny - np.arange(gy) * by, 0, by)
+    cols_in = np.clip(nx - np.arange(gx) * bx, 0, bx)
+    area = (rows_in[:, None] * cols_in[None, :]).ravel()
     level, rms, cnt = _clipped_mesh_stats(cells, nsigma=nsigma, n_iter=5)
     # Where in each cell its usable pixels are: on a sloped sky, a cell cut by the coverage
     # edge measures the level at the centroid of its pixels, not at its centre.
     # Sums of the usable pixels' row and column indices per cell, separably (integers: exact).
-    usable = np.isfinite(padded)
+    usable = np.zeros((gy * by, gx * bx), dtype=bool)
+    np.logical_not(bad, out=usable[:ny, :nx])
     per_row = usable.reshape(gy * by, gx, bx).sum(axis=2)  # (rows, cells across)
     per_col = usable.reshape(gy, by, gx * bx).sum(axis=1)  # (cells down, columns)
     ucount = per_row.reshape(gy, by, gx).sum(axis=1).ravel()
@@ -205,11 +218,11 @@ def estimate_background(
     bkg = _to_full(level, by, bx, ny, nx)
     # The RMS of the cells themselves includes the sky gradient across a cell: measure it
     # again on the background-subtracted image (one clipped pass, cells as before).
-    res = np.full((gy * by, gx * bx), np.nan)
-    res[:ny, :nx] = np.where(bad, np.nan, img - bkg)
-    rcells = res.reshape(gy, by, gx, bx).transpose(0, 2, 1, 3).reshape(gy * gx, by * bx)
+    # `vals` is reused for the residual (same layout, same spare NaN).
+    np.subtract(img, bkg, out=vals_2d)
+    np.copyto(vals_2d, np.nan, where=bad)
     # Every 3rd pixel of a cell is plenty for an RMS and a third of the sorting cost.
-    _, rms2, _ = _clipped_mesh_stats(rcells[:, ::3].copy(), nsigma=nsigma, n_iter=3)
+    _, rms2, _ = _clipped_mesh_stats(vals[index_third], nsigma=nsigma, n_iter=3)
     rms2 = rms2.reshape(gy, gx)
     fill = ~np.isfinite(rms2) | ~good
     if np.all(fill):
@@ -218,6 +231,27 @@ def estimate_background(
         _, (iy, ix) = ndimage.distance_transform_edt(fill, return_indices=True)
         rms2 = rms2[iy, ix]
     return bkg, np.maximum(_to_full(rms2, by, bx, ny, nx), 0.0)
+
+
+# A few geometries only: an entry holds 8 bytes per image pixel (a service lives long).
+@functools.lru_cache(maxsize=4)
+def _cell_index(
+    ny: int, nx: int, gy: int, gx: int, by: int, bx: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flat pixel indices of the `by` x `bx` cells of a `gy` x `gx` mesh over an (ny, nx)
+    image, one row per cell (cells row by row, pixels row by row within a cell), each row
+    ending with one extra entry; the extra entries and the cell pixels past the image edge are
+    ny * nx (a spare entry after the image). Also every 3rd pixel of each cell with the same
+    extra entry. Cached per geometry (read-only)."""
+    py = np.arange(gy * by).reshape(gy, 1, by, 1)
+    px = np.arange(gx * bx).reshape(1, gx, 1, bx)
+    flat = np.where((py < ny) & (px < nx), py * nx + px, ny * nx).reshape(gy * gx, by * bx)
+    spare = np.full((gy * gx, 1), ny * nx)
+    index_all = np.concatenate([flat, spare], axis=1)
+    index_third = np.concatenate([flat[:, ::3], spare], axis=1)
+    index_all.flags.writeable = False
+    index_third.flags.writeable = False
+    return index_all, index_third
 
 
 def _quadratic_surface(

@@ -41,9 +41,10 @@ class MatchedFilter:
 def refilter(mf: MatchedFilter, image: np.ndarray, weight: np.ndarray) -> MatchedFilter:
     """The matched filter of another image with the same weights (e.g. a fit residual): one
     Gaussian filter, the denominator and the noise calibration are reused."""
-    num = ndimage.gaussian_filter(np.asarray(image, dtype=float) * weight, mf.sigma_px,
-                                  mode="constant", truncate=4.0)
-    snr = num * mf.inv_sqrt_den
+    dw = np.asarray(image, dtype=float) * weight
+    num = ndimage.gaussian_filter(dw, mf.sigma_px, mode="constant", truncate=4.0)
+    # The product's buffer, no longer needed, holds the S/N map (no fresh image-sized array).
+    snr = np.multiply(num, mf.inv_sqrt_den, out=dw)
     snr /= mf.noise_scale
     return MatchedFilter(num=num, snr=snr, noise_scale=mf.noise_scale, den=mf.den,
                          sigma_px=mf.sigma_px, inv_sqrt_den=mf.inv_sqrt_den)
@@ -99,7 +100,8 @@ def matched_filter(
                                   mode="constant", truncate=4.0)
     den /= 4.0 * math.pi * sigma * sigma
     inv_sqrt = _inv_sqrt(den)
-    snr = num * inv_sqrt
+    # The product's buffer, no longer needed, holds the S/N map (no fresh image-sized array).
+    snr = np.multiply(num, inv_sqrt, out=dw)
     scale = 1.0
     if calibrate:
         # Statistics on every 3rd pixel per axis: plenty of pixels, a ninth of the cost.

@@ -236,3 +236,58 @@ def test_clipped_mesh_stats_match_a_per_row_loop():
         want = _clipped_stats_per_row(cells[r], nsigma=3.0, n_iter=5)
         assert cnt[r] == want[2]
         np.testing.assert_allclose([level[r], rms[r]], want[:2], rtol=1e-9, equal_nan=True)
+
+
+def test_clipped_mesh_stats_nan_padded_rows_match_unpadded():
+    """Rows that all end with a NaN (as estimate_background's cells) are summed in place, without
+    the padded copy made otherwise: the statistics must be the same, bit for bit."""
+    from services.extract.background import _clipped_mesh_stats
+
+    rng = np.random.default_rng(8)
+    cells = rng.normal(3.0, 0.5, size=(30, 200))
+    cells[:, :10] += rng.exponential(8.0, size=(30, 10))
+    cells[rng.random(cells.shape) < 0.15] = np.nan
+    cells[0] = rng.normal(3.0, 0.5, size=200)  # a row without NaN: this input is copied
+    cells[4] = np.nan  # an empty row
+    padded = np.concatenate([cells, np.full((30, 1), np.nan)], axis=1)  # summed in place
+    want = _clipped_mesh_stats(cells.copy(), nsigma=3.0, n_iter=5)
+    got = _clipped_mesh_stats(padded.copy(), nsigma=3.0, n_iter=5)
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_cell_index_matches_padded_transpose():
+    """The cached cell gather equals the padded-and-transposed layout it replaces."""
+    from services.extract.background import _cell_index
+
+    ny, nx, gy, gx = 23, 31, 3, 4
+    by, bx = -(-ny // gy), -(-nx // gx)
+    img = np.arange(ny * nx, dtype=float).reshape(ny, nx)
+    padded = np.full((gy * by, gx * bx), np.nan)
+    padded[:ny, :nx] = img
+    want = padded.reshape(gy, by, gx, bx).transpose(0, 2, 1, 3).reshape(gy * gx, by * bx)
+    index_all, index_third = _cell_index(ny, nx, gy, gx, by, bx)
+    vals = np.append(img.ravel(), np.nan)
+    np.testing.assert_array_equal(vals[index_all][:, :-1], want)
+    assert np.all(np.isnan(vals[index_all][:, -1]))
+    np.testing.assert_array_equal(vals[index_third][:, :-1], want[:, ::3])
+    assert np.all(np.isnan(vals[index_third][:, -1]))
+    assert not index_all.flags.writeable
+
+
+def test_celestial_wcs_is_a_fresh_copy_of_a_cached_parse():
+    from services.extract.photometry import _celestial_wcs
+
+    m = make_mosaic(shape=(64, 64), n_sources=3, seed=5)
+    a = _celestial_wcs(m.header)
+    b = _celestial_wcs(m.header.copy())
+    assert a is not b
+    a.wcs.crval = [a.wcs.crval[0] + 1.0, a.wcs.crval[1]]  # a caller's change stays its own
+    c = _celestial_wcs(m.header)
+    np.testing.assert_array_equal(c.wcs.crval, b.wcs.crval)
+    x = np.array([0.0, 10.5, 63.0])
+    np.testing.assert_array_equal(c.pixel_to_world_values(x, x), b.pixel_to_world_values(x, x))
+    bad = m.header.copy()
+    bad["CTYPE1"], bad["CTYPE2"] = "LINEAR", "LINEAR"
+    with pytest.raises(ExtractionError, match="no celestial WCS"):
+        _celestial_wcs(bad)
