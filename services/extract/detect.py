@@ -160,6 +160,13 @@ class Detections:
     n_in_segment: np.ndarray  #: peaks sharing that region (>1: deblended)
     segmentation: np.ndarray  #: label image (0 = background)
 
+    def subset(self, keep: np.ndarray) -> Detections:
+        """The detections selected by `keep` (boolean or indices), in their order."""
+        return Detections(x=self.x[keep], y=self.y[keep], flux=self.flux[keep],
+                          snr=self.snr[keep], segment=self.segment[keep],
+                          n_in_segment=self.n_in_segment[keep],
+                          segmentation=self.segmentation)
+
 
 def find_peaks(
     mf: MatchedFilter,

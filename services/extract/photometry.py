@@ -14,7 +14,7 @@ from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from services.extract.background import estimate_background
-from services.extract.detect import find_peaks, matched_filter, refilter
+from services.extract.detect import Detections, find_peaks, matched_filter, refilter
 from services.extract.prf import (
     fit_common_fwhm,
     fit_point_sources,
@@ -28,6 +28,9 @@ from shared.instruments import mips
 UJY_PER_MJYSR_ARCSEC2 = 1e12 * mips.SR_PER_ARCSEC2
 #: 2.5 / ln(10): magnitude error per fractional flux error.
 _MAG_PER_FRAC = 2.5 / math.log(10.0)
+#: Largest relative difference between the detection filter's FWHM (the first guess) and the
+#: measured one at which the detection pass is kept; above it the image is filtered again.
+MAX_FILTER_MISMATCH = 0.15
 
 
 class ExtractionError(ValueError):
@@ -183,6 +186,7 @@ def estimate_fwhm_px(
     guess_px: float = 2.5,
     n_sources: int = 30,
     grid: np.ndarray | None = None,
+    peaks: Detections | None = None,
 ) -> float:
     """FWHM (pixels) of the point sources in a background-subtracted image.
 
@@ -191,14 +195,25 @@ def estimate_fwhm_px(
     chi^2, bounded to 0.4-2.5 x `guess_px`, after dropping sources that fit > 5x worse than the
     median (blends). With `grid` (trial FWHMs), the chi^2 is instead
     evaluated at each trial and its minimum located by a parabola through the best three.
+    `peaks`: the image's detections from a matched filter of `guess_px` (e.g. the extraction's
+    own detection pass, sorted by S/N), used instead of filtering the image again.
     Raises `ExtractionError` when no source is bright enough.
     """
     lo_hi = (0.4 * guess_px, 2.5 * guess_px)
     trials = np.asarray(grid if grid is not None else np.geomspace(*lo_hi, 15))
-    # Only the S/N > 20 cut uses the calibration here: a ninth of the pixels is plenty.
-    mf = matched_filter(image, weight, fwhm_px=guess_px, calibration_step=3)
-    det = find_peaks(mf, threshold=20.0, valid=weight > 0, exclude_border_px=int(3 * guess_px),
-                     segments=False)
+    border = int(3 * guess_px)
+    if peaks is None:
+        # Only the S/N > 20 cut uses the calibration here: a ninth of the pixels is plenty.
+        mf = matched_filter(image, weight, fwhm_px=guess_px, calibration_step=3)
+        det = find_peaks(mf, threshold=20.0, valid=weight > 0, exclude_border_px=border,
+                         segments=False)
+    else:
+        # The same peaks: local maxima are local maxima at any threshold.
+        ny, nx = image.shape
+        lo_x, lo_y = max(1, border), max(1, border)
+        keep = ((peaks.snr >= 20.0) & (peaks.x >= lo_x - 0.5) & (peaks.x < nx - lo_x - 0.5)
+                & (peaks.y >= lo_y - 0.5) & (peaks.y < ny - lo_y - 0.5))
+        det = peaks.subset(keep)
     if det.x.size == 0:
         raise ExtractionError("no source above S/N 20 to measure the PSF FWHM: pass fwhm_arcsec")
     # Isolated: no other detection within 4 guess FWHM.
@@ -270,7 +285,9 @@ def extract_sources(
 
     Steps: mesh background (clipped mode, median-filtered, bicubic) and background RMS;
     PSF-matched filter S/N map (optimal weights 1/unc^2), with the unc map calibrated against the
-    actual background noise; peaks above `detect_sigma` with segmentation (peaks sharing a
+    actual background noise (the filter of the first-guess FWHM, whose peaks also give the FWHM
+    measurement; filtered again when the measured FWHM differs by more than
+    `MAX_FILTER_MISMATCH`); peaks above `detect_sigma` with segmentation (peaks sharing a
     segment are deblended); joint PRF fit (pixel-integrated Gaussian of the band FWHM: flux and
     position of all sources together, blends simultaneously); optionally a second detection
     pass on the residual image to recover sources hidden in the wings of brighter ones;
@@ -348,19 +365,25 @@ def extract_sources(
     invalid = ~valid
     bkg, rms = estimate_background(img, mask=invalid, box_px=box)
     sub = _masked_difference(img, bkg, valid)
+    # Detection filter of the first-guess FWHM; its peaks also serve the FWHM measurement.
+    mf = matched_filter(sub, weight, fwhm_px=guess_px, calibrate=calibrate_unc)
+    det = find_peaks(mf, threshold=detect_sigma, valid=valid)
     if fwhm_src == "MIPS band":
         # The band FWHM is the optics' PSF; the mosaic's point response is broader (native
         # pixel and resampling kernel convolved in, ~9% at 24 um), and a PRF narrower than the
         # data biases PRF fluxes low by several per cent. Measure it, seeded by the band value.
         try:
-            fwhm_px = estimate_fwhm_px(sub, weight, guess_px=fwhm_px)
+            fwhm_px = estimate_fwhm_px(sub, weight, guess_px=fwhm_px, peaks=det)
             fwhm_src = "measured (MIPS band seed)"
         except ExtractionError:
             pass  # no bright source: the band FWHM is the best available
     elif not math.isfinite(fwhm_px):
-        fwhm_px = estimate_fwhm_px(sub, weight, guess_px=guess_px)
+        fwhm_px = estimate_fwhm_px(sub, weight, guess_px=guess_px, peaks=det)
         if not box_px:
             box = _default_box(fwhm_px, img.shape)
+    # A filter within 15% of the PSF's width keeps > 99% of the matched filter's S/N
+    # (2 a / (1 + a^2) for a width ratio a); a worse guess is filtered again.
+    refilter_needed = abs(fwhm_px / guess_px - 1.0) > MAX_FILTER_MISMATCH
     if mask_sources_in_background:
         # Second pass with >5 sigma sources masked. Off by default: on a sloped sky the masked
         # cells' levels are taken off-centre, which costs more than the sources' bias, which
@@ -369,14 +392,16 @@ def extract_sources(
         srcmask = ndimage_grow(mf.snr > 5.0, max(1, round(1.5 * fwhm_px)))
         bkg, rms = estimate_background(img, mask=invalid | srcmask, box_px=box)
         sub = _masked_difference(img, bkg, valid)
-    mf = matched_filter(sub, weight, fwhm_px=fwhm_px, calibrate=calibrate_unc)
+        refilter_needed = True
+    if refilter_needed:
+        mf = matched_filter(sub, weight, fwhm_px=fwhm_px, calibrate=calibrate_unc)
+        det = find_peaks(mf, threshold=detect_sigma, valid=valid)
     uscale = mf.noise_scale
     weight_cal = weight / uscale**2
     # The calibrated 1-sigma map, 0 where invalid (the apertures' masked pixels).
     err_cal = np.zeros_like(err)
     np.multiply(err, uscale, out=err_cal, where=valid)
 
-    det = find_peaks(mf, threshold=detect_sigma, valid=valid)
     fit = fit_point_sources(
         sub,
         weight_cal,

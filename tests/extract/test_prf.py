@@ -74,6 +74,21 @@ def test_fwhm_fit_agrees_with_trial_grid():
     assert fwhm == pytest.approx(grid, rel=0.002)
 
 
+def test_fwhm_from_the_detection_pass_peaks():
+    """The FWHM measured on the extraction's own detections (a matched filter of the guess,
+    threshold 5) is the one measured with its own S/N > 20 filter pass."""
+    from services.extract.detect import find_peaks, matched_filter
+
+    # Noise for S/N ~5-50: the faint half is below the FWHM fit's S/N 20 cut.
+    img, w, *_ = _field(7, fwhm_px=2.9, noise=0.08, blends=False)
+    peaks = find_peaks(matched_filter(img, w, fwhm_px=2.41), threshold=5.0, valid=w > 0)
+    assert np.any(peaks.snr < 20)  # the faint ones are there, and must be left out
+    own = estimate_fwhm_px(img, w, guess_px=2.41)
+    shared = estimate_fwhm_px(img, w, guess_px=2.41, peaks=peaks)
+    assert shared == pytest.approx(2.9, rel=0.03)
+    assert shared == pytest.approx(own, rel=0.002)
+
+
 def test_exact_apertures_match_photutils():
     photutils = pytest.importorskip("photutils.aperture")
     rng = np.random.default_rng(11)
