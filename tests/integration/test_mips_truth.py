@@ -355,7 +355,9 @@ def test_astrometric_rms_above_true_snr_20(mips_run: PipelineRun, channel: int) 
         f'ch{channel} astrometric rms S/N>20 (n={sel.sum()}): RA {rms_e:.3f}" Dec '
         f'{rms_n:.3f}" radial {float(np.sqrt(np.mean(sep[sel] ** 2))):.3f}" '
         f'(limit {limit:.2f}", literal 0.3" {"met" if max(rms_e, rms_n) <= 0.3 else "not met"}); '
-        f"error / stated uncertainty RMS: RA {chi_e:.2f} Dec {chi_n:.2f}"
+        f"error / stated uncertainty RMS: RA {chi_e:.2f} Dec {chi_n:.2f}; mean offset RA "
+        f'{float(np.mean(de_)):+.3f}" Dec {float(np.mean(dn_)):+.3f}" '
+        f'(+-{rms_e / np.sqrt(max(int(sel.sum()), 1)):.3f}")'
     )
     assert sel.sum() >= 10
     assert max(rms_e, rms_n) <= limit
