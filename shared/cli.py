@@ -478,8 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="submit files, wait for their products, collect them",
         description="Submit input files or folders (MIPS telemetry .tlm, Spitzer "
-        "raw/BCD FITS, calibration FITS, TAUVEX Level 0 + attitude, ISOCAM TDF + EOH "
-        "table), show progress "
+        "raw/BCD FITS, post-BCD maic/munc/mcov mosaics, calibration FITS, TAUVEX "
+        "Level 0 + attitude, ISOCAM TDF + EOH table), show progress "
         "until the pipeline is idle, then copy the final products (mosaics, source "
         "lists, quick-look PNGs) into --out and print their paths. Without --nats, "
         "an embedded nats-server and all services run for the duration.",

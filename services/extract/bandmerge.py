@@ -66,6 +66,7 @@ def bandmerge(
     fwhm_arcsec: Mapping[str, float] | None = None,
     nsigma: float = 3.0,
     fatal_bits: int = mips.FATAL_BITS,
+    mosaics: Mapping[str, BCDFrame] | None = None,
 ) -> Table:
     """Merge per-band source lists (the `extract_sources` tables) into one band-merged list.
 
@@ -83,7 +84,11 @@ def bandmerge(
     delta_flux_<b>, flux_ap_<b>, snr_<b> (uJy), flag_<b> ('D' detected, 'U' upper limit from
     forced photometry on that band's BCDs, 'N' no data), ulim_<b> (uJy, for 'U' rows: see
     meta ULCONV), nframes_<b>. For 'U' rows flux/delta_flux/snr are the forced-photometry
-    values. Bands without frames in `frames_by_band` get 'N' where not detected.
+    values. A band without frames in `frames_by_band` but with its mosaic in `mosaics` (a
+    post-BCD mosaic entered without its BCDs: the mosaic as one frame, its unc calibrated to
+    the measured noise, e.g. munc x the list's UNCSCALE) gets its forced photometry there, with
+    the list's own (mosaic) FWHM and nframes 1; a band with neither gets 'N' where not
+    detected.
     """
     names = list(lists)
     if not names:
@@ -237,11 +242,16 @@ def bandmerge(
         flag[det] = "D"
         undetected = np.flatnonzero(~det)
         frames = frames_by_band.get(b, ())
-        if undetected.size and len(frames):
+        mosaic = (mosaics or {}).get(b)
+        if undetected.size and (len(frames) or mosaic is not None):
+            if len(frames):
+                psf_fwhm = _frames_fwhm(b, lists[b], frames, fwhm[b])
+            else:
+                assert mosaic is not None
+                frames, psf_fwhm = (mosaic,), fwhm[b]
             # every merged position (detected in any band) is a prior for the joint fit
             ul = forced_upper_limits(ra_m[undetected], dec_m[undetected], frames,
-                                     fwhm_arcsec=_frames_fwhm(b, lists[b], frames, fwhm[b]),
-                                     nsigma=nsigma, fatal_bits=fatal_bits,
+                                     fwhm_arcsec=psf_fwhm, nsigma=nsigma, fatal_bits=fatal_bits,
                                      neighbours=(ra_m[det], dec_m[det]))
             got = np.asarray(ul["n_frames"]) > 0
             sel = undetected[got]

@@ -10,9 +10,11 @@ measured from its underlying frames. ISOCAM: one CPSL point-source list per obse
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal
 
 import msgspec
+import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
@@ -96,7 +98,7 @@ class ExtractService(Service):
         )
         frames_cache: dict[str, list[BCDFrame]] = {}
         table = await self._multiframe(table, ref, header, band, ctx, frames_cache)
-        stem = ref.key.rsplit("/", 1)[-1].removesuffix("_maic.fits")
+        stem = re.sub(r"_maic\.fits$", "", ref.key.rsplit("/", 1)[-1], flags=re.IGNORECASE)
         version = ref.version
         cards = {k: header[k] for k in ("TELESCOP", "INSTRUME", "CHNLNUM", "AORKEY") if k in header}
         hdul = await ctx.run(to_fits_hdulist, table, cards)
@@ -122,6 +124,8 @@ class ExtractService(Service):
         member = json.dumps(
             {
                 "maic": ref.key,
+                "munc": getattr(ref.file("munc"), "key", ""),
+                "mcov": getattr(ref.file("mcov"), "key", ""),
                 "frames": getattr(ref.file("frames"), "key", ""),
                 "channel": ch,
                 "sources": ctx.outputs[-1].companions[0].key,
@@ -178,14 +182,19 @@ class ExtractService(Service):
         lists: dict[str, Table] = {}
         frames_by_band: dict[str, list[BCDFrame]] = {}
         parents = []
+        mosaics: dict[str, BCDFrame] = {}
         for i in sorted(members):
             m = json.loads(members[i])
             band = band_name(inst, int(m["channel"]))
             lists[band] = from_fits_bytes(await ctx.read(m["sources"]))
             frames_by_band[band] = await self._frames(m["frames"], ctx, cache)
+            if not frames_by_band[band] and m.get("munc"):
+                # a post-BCD mosaic without its BCDs: the upper limits are measured on it
+                mosaics[band] = await self._mosaic_frame(m, lists[band], ctx)
             parents.append(m["sources"])
         merged: Table = await ctx.run(
-            bandmerge, lists, frames_by_band=frames_by_band, nsigma=self.config.upper_limit_sigma
+            bandmerge, lists, frames_by_band=frames_by_band, nsigma=self.config.upper_limit_sigma,
+            mosaics=mosaics,
         )
         version = await ctx.version(f"{inst}.bandmerged.{aor}")
         name = f"SPITZER_{inst[0]}_{aor}_{version}_bandmerged"
@@ -207,6 +216,20 @@ class ExtractService(Service):
                 meta={"n_sources": len(merged), "bands": ",".join(lists)},
             )
         )
+
+    async def _mosaic_frame(self, member: dict[str, str], table: Table, ctx: Context
+                            ) -> BCDFrame:
+        """A mosaic as the one frame of its band's forced photometry: maic, munc x the
+        extraction's noise calibration (UNCSCALE), pixels without coverage unusable."""
+        maic = (await ctx.read_fits(member["maic"]))[0]
+        munc = np.asarray((await ctx.read_fits(member["munc"]))[0].data, dtype=np.float32)
+        unc = munc * np.float32(table.meta.get("UNCSCALE", 1.0))
+        if member.get("mcov"):
+            cov = np.asarray((await ctx.read_fits(member["mcov"]))[0].data, dtype=np.float32)
+            unc = np.where(cov > 0, unc, np.float32(np.nan))
+        data = np.asarray(maic.data, dtype=np.float32)
+        return BCDFrame(data=data, unc=unc, mask=np.zeros(data.shape, dtype=np.int16),
+                        header=maic.header, key=member["maic"])
 
     async def _tauvex(self, ref: ProductRef, ctx: Context) -> None:
         from services.extract.tauvex.bandmerge import band_merge

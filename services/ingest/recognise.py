@@ -39,6 +39,8 @@ FILTERED_TYPES = {"fbcd"}  #: Ge median-filtered BCD (carried, not used by mosai
 UNUSED_TYPES = {"ebcd", "brmsk", "rmask"}
 BCD_TYPES = PRIMARY_BCD_TYPES | FILTERED_TYPES | {"ebcd"}
 RAW_TYPES = {"raw", "dce"}
+#: Post-BCD products entered at the mosaic level (image, uncertainty, coverage), by role.
+PBCD_ROLES = {"maic": "maic", "munc": "munc", "mcov": "mcov"}
 
 
 class InputKind(enum.StrEnum):
@@ -239,12 +241,16 @@ class SpitzerSets:
     problems: list[SpitzerProblem]
     #: known Spitzer products the pipeline does not use (logged, not dead-lettered)
     ignored: list[SpitzerProblem] = field(default_factory=list)
+    #: (instrument, channel, aorkey) -> post-BCD mosaic files by role (maic, munc, mcov)
+    mosaics: dict[tuple[str, int, int], dict[str, str]] = field(default_factory=dict)
 
     def aor_channels(self) -> dict[tuple[str, int], tuple[int, ...]]:
-        """(instrument, aorkey) -> channels that have a group: the bands whose mosaics are
-        band-merged (as `aor_channels` of the telemetry path)."""
+        """(instrument, aorkey) -> channels that have a group or a post-BCD mosaic: the bands
+        whose mosaics are band-merged (as `aor_channels` of the telemetry path)."""
         out: dict[tuple[str, int], set[int]] = defaultdict(set)
         for inst, ch, aor, _level in self.groups:
+            out[(inst, aor)].add(ch)
+        for inst, ch, aor in self.mosaics:
             out[(inst, aor)].add(ch)
         return {k: tuple(sorted(v)) for k, v in out.items()}
 
@@ -264,7 +270,8 @@ def _identity(name: str, header: fits.Header) -> tuple[str, int, int, int, int, 
             "the header or a Spitzer file name"
         )
     if info.dcenum is None:
-        return f"post-BCD product '{info.product_type}': submit the BCDs to mosaic them again"
+        return (f"post-BCD product '{info.product_type}' without a Spitzer post-BCD name: "
+                "name it SPITZER_<M|I><ch>_<aorkey>_<expid>_<ver>_E<ens>_<type>.fits")
     return (info.instrument, info.channel, info.aorkey, info.expid, info.dcenum, info.product_type)
 
 
@@ -302,7 +309,11 @@ def group_spitzer_files(files: list[tuple[str, fits.Header | None]]) -> SpitzerS
     problems: list[SpitzerProblem] = []
     ignored: list[SpitzerProblem] = []
     claims: dict[tuple[_Dce, str], list[tuple[str, str]]] = defaultdict(list)
+    pbcd: list[tuple[str, fits.Header | None]] = []
     for name, header in files:
+        if _is_pbcd(name, header):
+            pbcd.append((name, header))
+            continue
         ident = _identity(name, header if header is not None else fits.Header())
         if isinstance(ident, str):
             problems.append(SpitzerProblem(name, f"{name}: {ident}"))
@@ -375,4 +386,77 @@ def group_spitzer_files(files: list[tuple[str, fits.Header | None]]) -> SpitzerS
         groups[(inst, ch, aor, role)].append(member)
     for members in groups.values():
         members.sort(key=lambda m: (m.expid, m.dcenum))
-    return SpitzerSets(dict(groups), problems, ignored)
+    with_bcds = {(inst, ch, aor) for inst, ch, aor, level in groups if level == "bcd"}
+    mosaics = _group_pbcd(pbcd, with_bcds, problems, ignored)
+    return SpitzerSets(dict(groups), problems, ignored, mosaics)
+
+
+def _is_pbcd(name: str, header: fits.Header | None) -> bool:
+    """A Spitzer-named post-BCD product (its name and header are checked by `_group_pbcd`)."""
+    try:
+        info = mips.recognise_spitzer_fits(name)
+    except mips.SpitzerNameMismatchError:
+        return False
+    return info is not None and info.level == "pbcd"
+
+
+def _group_pbcd(
+    files: list[tuple[str, fits.Header | None]],
+    with_bcds: set[tuple[str, int, int]],
+    problems: list[SpitzerProblem],
+    ignored: list[SpitzerProblem],
+) -> dict[tuple[str, int, int], dict[str, str]]:
+    """Post-BCD mosaics (maic with its munc and mcov) per instrument, channel and AOR; they
+    enter at the mosaic level, for extraction. A band whose BCDs were submitted too is
+    mosaicked from them (its post-BCD files are logged, not used); two files claiming one
+    product, a maic without a usable celestial WCS, a munc or mcov without its maic are
+    reported."""
+    claims: dict[tuple[tuple[str, int, int], str], list[str]] = defaultdict(list)
+    headers = dict(files)
+    for name, header in files:
+        try:
+            info = mips.recognise_spitzer_fits(name, header)
+        except mips.SpitzerNameMismatchError as exc:
+            problems.append(SpitzerProblem(name, f"{name}: {exc}"))
+            continue
+        assert info is not None
+        role = PBCD_ROLES.get(info.product_type)
+        band = (info.instrument, info.channel, info.aorkey)
+        if role is None:
+            ignored.append(SpitzerProblem(
+                name, f"{name}: post-BCD '{info.product_type}' product, not used by the "
+                      "pipeline (maic, munc and mcov are)"))  # fmt: skip
+        elif band in with_bcds:
+            ignored.append(SpitzerProblem(
+                name, f"{name}: the BCDs of {info.instrument} ch{info.channel} AOR "
+                      f"{info.aorkey} were submitted too: the mosaic is built from them"))
+        else:
+            claims[(band, role)].append(name)
+    mosaics: dict[tuple[str, int, int], dict[str, str]] = {}
+    for (band, role), names in sorted(claims.items(), key=lambda kv: kv[0][1] != "maic"):
+        inst, ch, aor = band
+        what = f"{role} of {inst} ch{ch} AOR {aor}"
+        if len(names) > 1:
+            for name in names:
+                others = ", ".join(n for n in names if n != name)
+                problems.append(SpitzerProblem(
+                    name, f"{name}: {others} also claim(s) to be the {what}; none of them is "
+                          "used. Keep one and submit again"))  # fmt: skip
+            continue
+        name = names[0]
+        if role == "maic":
+            header = headers.get(name)
+            wcs = fitsio.celestial_wcs_problem(header) if header is not None else "no header"
+            if wcs is not None:
+                problems.append(SpitzerProblem(
+                    name, f"{name}: the mosaic has no usable celestial WCS ({wcs}): repair "
+                          "its header or re-download it"))  # fmt: skip
+                continue
+            mosaics[band] = {"maic": name}
+        elif band in mosaics:
+            mosaics[band][role] = name
+        else:
+            problems.append(SpitzerProblem(
+                name, f"{name}: {role} without its maic (skipped): submit it with the "
+                      "mosaic image"))  # fmt: skip
+    return mosaics

@@ -2,8 +2,9 @@
 
 Consumes `skybus.input.>` (Submission: files placed in the store). Recognises each file:
 MIPS CCSDS telemetry (split per DCE), Spitzer archive FITS (raw or BCD, entered at their
-level, grouped per AOR and channel), calibration FITS (registered for calibrate), TAUVEX
-Level 0 + attitude (Level 1 observations), ISOCAM TDF + EOH (one CTDF slice per observation).
+level, grouped per AOR and channel; post-BCD mosaics at the mosaic level, for extraction),
+calibration FITS (registered for calibrate), TAUVEX Level 0 + attitude (Level 1
+observations), ISOCAM TDF + EOH (one CTDF slice per observation).
 Gzip files are decompressed and enter as what they hold, named without ".gz". A file that
 cannot be used (unrecognised, truncated, a corrupt header, a BCD without a celestial WCS) is
 dead-lettered with the reason; the other files of the submission go on.
@@ -144,6 +145,48 @@ class IngestService(Service):
                         meta={"origin": "archive", "aor_channels": channels},
                     )
                 )
+        for (instrument, channel, aorkey), roles in sets.mosaics.items():
+            await self._post_bcd_mosaic(
+                instrument, channel, aorkey, roles, by_name, aor_channels[(instrument, aorkey)],
+                ctx,
+            )
+
+    async def _post_bcd_mosaic(
+        self,
+        instrument: str,
+        channel: int,
+        aorkey: int,
+        roles: dict[str, str],
+        by_name: dict[str, _Input],
+        channels: tuple[int, ...],
+        ctx: Context,
+    ) -> None:
+        """A post-BCD mosaic (maic, with its munc and mcov when given) enters at the mosaic
+        level, in the AOR's band-merge group of this submission, as mosaic's own products."""
+        maic = by_name[roles["maic"]]
+        files = [ProductFile("maic", maic.name, maic.data)]
+        files += [ProductFile(role, by_name[roles[role]].name, by_name[roles[role]].data)
+                  for role in ("munc", "mcov") if role in roles]
+        version = await ctx.version(f"{instrument}.pbcd-archive.{aorkey}.{channel}")
+        await ctx.emit(
+            ProductOut(
+                instrument=instrument,
+                level=Level.MOSAICKED,
+                product_type="maic",
+                obs=ObsId(aorkey=aorkey, channel=channel),
+                files=files,
+                subdir=f"aor{aorkey}/ch{channel}/archive-v{version}",
+                version=version,
+                parents=(maic.obj.key,),
+                group=Group(
+                    # the id mosaic gives the band-merge group of a submission's mosaics
+                    f"{instrument}-{aorkey}-mosaics-{ctx.run_id or 'norun'}",
+                    channels.index(channel),
+                    len(channels),
+                ),
+                meta={"origin": "archive", "aor_channels": ",".join(map(str, channels))},
+            )
+        )
 
     async def _mips_telemetry(self, item: _Input, ctx: Context) -> None:
         from services.ingest import mips

@@ -133,3 +133,42 @@ def test_aor_channels_of_a_24_and_70_um_archive_set() -> None:
     assert sets.aor_channels() == {("MIPS", archive.AORKEY): (1, 2)}
     one_band = group_spitzer_files(archive.headers_of(archive.triplet(1, 0)))
     assert one_band.aor_channels() == {("MIPS", archive.AORKEY): (1,)}
+
+
+def _pbcd(ch: int, kind: str, *, ens: str = "E777", drop_wcs: bool = False) -> tuple[str, bytes]:
+    h = archive.header(ch)
+    del h["DCENUM"]
+    if drop_wcs:
+        del h["CTYPE1"], h["CTYPE2"]
+    return f"SPITZER_M{ch}_{archive.AORKEY}_0000_3_{ens}_{kind}.fits", archive.product(ch, hdr=h)
+
+
+def test_post_bcd_mosaics_are_grouped_for_extraction() -> None:
+    """maic + munc + mcov per band enter as mosaics; mstd is not used (logged); a band whose
+    BCDs come too is mosaicked from them; duplicates, companions without their maic and a maic
+    without a celestial WCS are reported."""
+    files = dict(_pbcd(2, k) for k in ("maic", "munc", "mcov", "mstd"))
+    sets = group_spitzer_files(archive.headers_of(files))
+    assert not sets.problems and not sets.groups
+    assert set(sets.mosaics) == {("MIPS", 2, archive.AORKEY)}
+    assert set(sets.mosaics[("MIPS", 2, archive.AORKEY)]) == {"maic", "munc", "mcov"}
+    assert [p.name for p in sets.ignored] == [_pbcd(2, "mstd")[0]]
+    assert sets.aor_channels() == {("MIPS", archive.AORKEY): (2,)}
+
+    # with the 24 um BCDs and the 24 um mosaic too: the BCDs make that band's mosaic
+    both = {**files, **archive.triplet(1, 0), **dict([_pbcd(1, "maic")])}
+    sets = group_spitzer_files(archive.headers_of(both))
+    assert set(sets.mosaics) == {("MIPS", 2, archive.AORKEY)}
+    assert _pbcd(1, "maic")[0] in [p.name for p in sets.ignored]
+    assert sets.aor_channels() == {("MIPS", archive.AORKEY): (1, 2)}
+
+    # two mosaics of one band (two ensembles), a munc alone, a maic without WCS
+    bad = dict([_pbcd(2, "maic"), _pbcd(2, "maic", ens="E778"), _pbcd(1, "munc")])
+    sets = group_spitzer_files(archive.headers_of(bad))
+    assert not sets.mosaics
+    reasons = {p.name: p.reason for p in sets.problems}
+    assert "also claim" in reasons[_pbcd(2, "maic")[0]]
+    assert "also claim" in reasons[_pbcd(2, "maic", ens="E778")[0]]
+    assert "without its maic" in reasons[_pbcd(1, "munc")[0]]
+    sets = group_spitzer_files(archive.headers_of(dict([_pbcd(1, "maic", drop_wcs=True)])))
+    assert "no usable celestial WCS" in sets.problems[0].reason
