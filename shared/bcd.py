@@ -129,6 +129,11 @@ _MJYSR = {"mjy/sr", "mjy sr-1", "mjy sr**-1", "mjy/steradian", "mjy.sr**-1", "mj
 _DN_PER_S = {"dn/s", "dn/sec", "dn s-1", "dn s**-1", "dn.s**-1", "dn s^-1", "adu/s"}
 
 
+def is_mjy_per_sr(bunit: object) -> bool:
+    """Whether a BUNIT value says MJy/sr (in any of its usual spellings)."""
+    return " ".join(str(bunit or "").strip().lower().split()) in _MJYSR
+
+
 def surface_brightness_factor(header: Mapping[str, object]) -> float:
     """Factor that turns a BCD's pixel values into MJy/sr, from BUNIT (and FLUXCONV for DN/s).
 

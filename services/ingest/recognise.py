@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from astropy.io import fits
 
 from services.ingest import mips
-from shared import ccsds, fitscheck, fitsio
+from shared import bcd, ccsds, fitscheck, fitsio
 from shared.instruments import isocam as ic
 from shared.instruments import tauvex as tv
 
@@ -451,6 +451,12 @@ def _group_pbcd(
                 problems.append(SpitzerProblem(
                     name, f"{name}: the mosaic has no usable celestial WCS ({wcs}): repair "
                           "its header or re-download it"))  # fmt: skip
+                continue
+            assert header is not None
+            if not bcd.is_mjy_per_sr(header.get("BUNIT")):
+                problems.append(SpitzerProblem(
+                    name, f"{name}: BUNIT {header.get('BUNIT')!r}: the mosaic must be in MJy/sr "
+                          "(set BUNIT = 'MJy/sr' if it is)"))  # fmt: skip
                 continue
             mosaics[band] = {"maic": name}
         elif band in mosaics:

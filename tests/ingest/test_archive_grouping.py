@@ -135,9 +135,11 @@ def test_aor_channels_of_a_24_and_70_um_archive_set() -> None:
     assert one_band.aor_channels() == {("MIPS", archive.AORKEY): (1,)}
 
 
-def _pbcd(ch: int, kind: str, *, ens: str = "E777", drop_wcs: bool = False) -> tuple[str, bytes]:
+def _pbcd(ch: int, kind: str, *, ens: str = "E777", drop_wcs: bool = False,
+          bunit: str = "MJy/sr") -> tuple[str, bytes]:
     h = archive.header(ch)
     del h["DCENUM"]
+    h["BUNIT"] = bunit
     if drop_wcs:
         del h["CTYPE1"], h["CTYPE2"]
     return f"SPITZER_M{ch}_{archive.AORKEY}_0000_3_{ens}_{kind}.fits", archive.product(ch, hdr=h)
@@ -172,3 +174,5 @@ def test_post_bcd_mosaics_are_grouped_for_extraction() -> None:
     assert "without its maic" in reasons[_pbcd(1, "munc")[0]]
     sets = group_spitzer_files(archive.headers_of(dict([_pbcd(1, "maic", drop_wcs=True)])))
     assert "no usable celestial WCS" in sets.problems[0].reason
+    sets = group_spitzer_files(archive.headers_of(dict([_pbcd(1, "maic", bunit="DN/s")])))
+    assert "must be in MJy/sr" in sets.problems[0].reason and not sets.mosaics
