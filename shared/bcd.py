@@ -80,23 +80,24 @@ class BCDFrame:
         *,
         key: str = "",
     ) -> BCDFrame:
-        """Build a frame from opened FITS files; a missing uncertainty is estimated from the
-        frame's robust scatter, a missing mask is all zero. Data in DN/s are converted to
-        MJy/sr with the header's FLUXCONV (and BUNIT, HISTORY say so); any other BUNIT, or
+        """Build a frame from opened FITS files (each one's image: the primary HDU's, or the
+        first image extension's, see `fitsio.image_hdu`); a missing uncertainty is estimated
+        from the frame's robust scatter, a missing mask is all zero. Data in DN/s are converted
+        to MJy/sr with the header's FLUXCONV (and BUNIT, HISTORY say so); any other BUNIT, or
         none, is refused (ValueError), since every flux downstream assumes MJy/sr."""
-        header = bcd[0].header.copy()
-        data = np.asarray(bcd[0].data, dtype=np.float32)
+        raw, header = fitsio.image_hdu(bcd)
+        data = np.asarray(raw, dtype=np.float32)
         if data.ndim != 2:
             raise ValueError(f"BCD image must be 2-D, got shape {data.shape}")
         if bunc is not None:
-            unc = np.asarray(bunc[0].data, dtype=np.float32)
+            unc = np.asarray(fitsio.image_hdu(bunc)[0], dtype=np.float32)
         else:
             finite = data[np.isfinite(data)]
             mad = np.median(np.abs(finite - np.median(finite))) if finite.size else 1.0
             unc = np.full(data.shape, max(1.4826 * float(mad), 1e-12), dtype=np.float32)
         if mask is not None:
             m = ge_mask_in_skybus_bits(
-                np.asarray(mask[0].data).astype(np.int64) & 0xFFFF, header
+                np.asarray(fitsio.image_hdu(mask)[0]).astype(np.int64) & 0xFFFF, header
             )
         else:
             m = np.zeros(data.shape, dtype=np.int64)

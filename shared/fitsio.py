@@ -42,6 +42,44 @@ def open_bytes(data: bytes) -> fits.HDUList:
     return hdul
 
 
+#: Keywords that describe an HDU's structure, not the observation.
+_STRUCTURE = re.compile(r"^(SIMPLE|XTENSION|BITPIX|NAXIS\d*|EXTEND|PCOUNT|GCOUNT|EXTNAME|"
+                        r"EXTVER|CHECKSUM|DATASUM|BSCALE|BZERO|BLANK)$")
+
+
+def _image_index(hdul: fits.HDUList) -> int:
+    """The HDU holding the file's image: the primary one when it has an image (NAXIS >= 2),
+    else the first image extension (tile-compressed ones included), else the primary."""
+    for i, hdu in enumerate(hdul):
+        if i and not isinstance(hdu, fits.ImageHDU | fits.CompImageHDU):
+            continue
+        if int(hdu.header.get("NAXIS", 0) or 0) >= 2:
+            return i
+    return 0
+
+
+def image_header(hdul: fits.HDUList) -> fits.Header:
+    """The header of the file's image (see `image_hdu`), without reading any data."""
+    return image_hdu(hdul, with_data=False)[1]
+
+
+def image_hdu(hdul: fits.HDUList, *, with_data: bool = True) -> tuple[object, fits.Header]:
+    """(data, header) of the file's image: the primary HDU's, or for a file written with an
+    empty primary (or tile-compressed, `.fits.fz`) the first image extension's, whose header
+    is then completed with the primary's observation keywords (TELESCOP, AORKEY ...: the
+    extension's own values win). `data` is None with `with_data=False`."""
+    i = _image_index(hdul)
+    hdu = hdul[i]
+    header = hdu.header.copy()
+    if i:
+        for card in hdul[0].header.cards:
+            key = card.keyword
+            skip = key in ("COMMENT", "HISTORY", "") or bool(_STRUCTURE.match(key))
+            if not skip and key not in header:
+                header[key] = (card.value, card.comment)
+    return (hdu.data if with_data else None), header
+
+
 def add_provenance(
     header: fits.Header, *, step: str, parents: Iterable[str], creator: str = CREATOR
 ) -> None:

@@ -80,15 +80,14 @@ class ExtractService(Service):
         from services.extract.tables import to_fits_hdulist, to_ipac_bytes
 
         inst, ch, aor = ref.instrument, int(ref.obs.channel or 0), int(ref.obs.aorkey or 0)
-        maic = await ctx.read_fits(ref.key)
+        image, header = fitsio.image_hdu(await ctx.read_fits(ref.key))
         unc_obj, cov_obj = ref.file("munc"), ref.file("mcov")
-        unc = (await ctx.read_fits(unc_obj.key))[0].data if unc_obj else None
-        cov = (await ctx.read_fits(cov_obj.key))[0].data if cov_obj else None
-        header = maic[0].header
+        unc = fitsio.image_hdu(await ctx.read_fits(unc_obj.key))[0] if unc_obj else None
+        cov = fitsio.image_hdu(await ctx.read_fits(cov_obj.key))[0] if cov_obj else None
         band = band_name(inst, ch)
         table: Table = await ctx.run(
             extract_sources,
-            maic[0].data,
+            image,
             unc,
             cov,
             header,
@@ -221,15 +220,17 @@ class ExtractService(Service):
                             ) -> BCDFrame:
         """A mosaic as the one frame of its band's forced photometry: maic, munc x the
         extraction's noise calibration (UNCSCALE), pixels without coverage unusable."""
-        maic = (await ctx.read_fits(member["maic"]))[0]
-        munc = np.asarray((await ctx.read_fits(member["munc"]))[0].data, dtype=np.float32)
+        image, header = fitsio.image_hdu(await ctx.read_fits(member["maic"]))
+        munc = np.asarray(fitsio.image_hdu(await ctx.read_fits(member["munc"]))[0],
+                          dtype=np.float32)
         unc = munc * np.float32(table.meta.get("UNCSCALE", 1.0))
         if member.get("mcov"):
-            cov = np.asarray((await ctx.read_fits(member["mcov"]))[0].data, dtype=np.float32)
+            cov = np.asarray(fitsio.image_hdu(await ctx.read_fits(member["mcov"]))[0],
+                             dtype=np.float32)
             unc = np.where(cov > 0, unc, np.float32(np.nan))
-        data = np.asarray(maic.data, dtype=np.float32)
+        data = np.asarray(image, dtype=np.float32)
         return BCDFrame(data=data, unc=unc, mask=np.zeros(data.shape, dtype=np.int16),
-                        header=maic.header, key=member["maic"])
+                        header=header, key=member["maic"])
 
     async def _tauvex(self, ref: ProductRef, ctx: Context) -> None:
         from services.extract.tauvex.bandmerge import band_merge

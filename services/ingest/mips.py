@@ -368,12 +368,12 @@ def split_aor_telemetry(data: bytes) -> MipsSplit:
 
 _DCE_NAME = re.compile(
     r"^SPITZER_(?P<inst>[MI])(?P<ch>\d)_(?P<aor>\d+)_(?P<expid>\d{4})_(?P<dce>\d{4})_"
-    r"(?P<ver>\d+)_(?P<type>[a-z0-9]+)\.fits(?:\.gz)?$",
+    r"(?P<ver>\d+)_(?P<type>[a-z0-9]+)\.fits(?:\.gz|\.fz)?$",
     re.IGNORECASE,
 )
 _PBCD_NAME = re.compile(
     r"^SPITZER_(?P<inst>[MI])(?P<ch>\d)_(?P<aor>\d+)_(?P<expid>\d{4})_(?P<ver>\d+)_"
-    r"(?P<ens>[EA]\d+)_(?P<type>[a-z0-9]+)\.fits(?:\.gz)?$",
+    r"(?P<ens>[EA]\d+)_(?P<type>[a-z0-9]+)\.fits(?:\.gz|\.fz)?$",
     re.IGNORECASE,
 )
 #: Per-DCE product types and their level.
@@ -513,7 +513,7 @@ def _check_type_agrees(name: str, info: SpitzerFileInfo, header: Mapping[str, An
 MASK_TYPES = frozenset({"bbmsk", "bmask", "brmsk", "bimsk", "rmask"})
 #: Product types a free-form name may carry, longest first ("fbcd" is not read as "bcd").
 _TYPE_WORDS = tuple(sorted(BCD_TYPES | RAW_TYPES, key=lambda t: (-len(t), t)))
-_FITS_SUFFIX = re.compile(r"\.fits?(\.gz)?$", re.IGNORECASE)
+_FITS_SUFFIX = re.compile(r"\.fits?(\.gz|\.fz)?$", re.IGNORECASE)
 
 
 def product_type_from_name(name: str) -> str | None:

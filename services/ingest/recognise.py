@@ -68,7 +68,7 @@ def safe_name(name: str) -> str:
 def _primary_header(data: bytes) -> fits.Header:
     try:
         with fits.open(io.BytesIO(data), memmap=False) as hdul:
-            return hdul[0].header.copy()
+            return fitsio.image_header(hdul)
     except (OSError, ValueError, IndexError) as exc:
         raise ValueError(f"FITS header cannot be read ({exc}); is the file complete?") from exc
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from astropy.io import fits
 from astropy.table import Table
 from astropy.utils.data import get_pkg_data_filename
@@ -16,7 +17,10 @@ from astropy.wcs import WCS
 FWHM_ARCSEC = 1.9
 
 
-def _write_bcds(folder: Path, rng: np.random.Generator) -> Table:
+def _write_bcds(folder: Path, rng: np.random.Generator, *, compressed: bool = False) -> Table:
+    """BCDs on an IRAC SIP header, with injected sources; `compressed`: as other tools write
+    them tile-compressed (`.fits.fz`: an empty primary HDU holding the observation keywords,
+    the image with its WCS and BUNIT in a RICE-compressed extension)."""
     path = get_pkg_data_filename("data/irac_sip.hdr", package="astropy.wcs.tests")
     template = fits.Header.fromfile(path, sep="", endcard=True, padding=False)
     ra0, dec0 = float(template["CRVAL1"]), float(template["CRVAL2"])
@@ -53,14 +57,28 @@ def _write_bcds(folder: Path, rng: np.random.Generator) -> Table:
             )
         image += rng.normal(0, 0.02, image.shape)
         name = f"SPITZER_I1_4242_{k:04d}_0000_1_bcd.fits"
-        fits.PrimaryHDU(image.astype(np.float32), header=h).writeto(folder / name)
+        if not compressed:
+            fits.PrimaryHDU(image.astype(np.float32), header=h).writeto(folder / name)
+            continue
+        with_image = [c for c in h.cards
+                      if c.keyword.startswith(("CTYPE", "CRPIX", "CRVAL", "CD", "A_", "B_", "AP_",
+                                               "BP_", "NAXIS")) or c.keyword == "BUNIT"]
+        names_with_image = {c.keyword for c in with_image}
+        primary = fits.PrimaryHDU(header=fits.Header(
+            [c for c in h.cards if c.keyword not in names_with_image]))
+        ext = fits.CompImageHDU(image.astype(np.float32), fits.Header(with_image),
+                                compression_type="RICE_1")
+        fits.HDUList([primary, ext]).writeto(folder / f"{name}.fz")
     return truth
 
 
-def test_foreign_spitzer_bcds_make_a_mosaic_and_a_source_list(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "fits.fz"])
+def test_foreign_spitzer_bcds_make_a_mosaic_and_a_source_list(tmp_path: Path,
+                                                              compressed: bool) -> None:
     inputs = tmp_path / "bcds"
     inputs.mkdir()
-    truth = _write_bcds(inputs, np.random.default_rng(3))
+    truth = _write_bcds(inputs, np.random.default_rng(3), compressed=compressed)
+    assert len(list(inputs.glob("*.fits.fz" if compressed else "*.fits"))) == 6
     out = tmp_path / "out"
     proc = subprocess.run(
         [
