@@ -82,7 +82,8 @@ class BCDFrame:
     ) -> BCDFrame:
         """Build a frame from opened FITS files (each one's image: the primary HDU's, or the
         first image extension's, see `fitsio.image_hdu`); a missing uncertainty is estimated
-        from the frame's robust scatter, a missing mask is all zero. Data in DN/s are converted
+        from the frame's robust scatter (also when the bunc holds no finite value > 0), a
+        missing mask is all zero. Data in DN/s are converted
         to MJy/sr with the header's FLUXCONV (and BUNIT, HISTORY say so); any other BUNIT, or
         none, is refused (ValueError), since every flux downstream assumes MJy/sr."""
         raw, header = fitsio.image_hdu(bcd)
@@ -91,7 +92,11 @@ class BCDFrame:
             raise ValueError(f"BCD image must be 2-D, got shape {data.shape}")
         if bunc is not None:
             unc = np.asarray(fitsio.image_hdu(bunc)[0], dtype=np.float32)
-        else:
+            if unc.shape == data.shape and not np.any(np.isfinite(unc) & (unc > 0)):
+                # an uncertainty image with no usable value carries no information
+                header["HISTORY"] = "skybus: bunc has no finite value > 0; unc estimated"
+                bunc = None
+        if bunc is None:
             finite = data[np.isfinite(data)]
             mad = np.median(np.abs(finite - np.median(finite))) if finite.size else 1.0
             unc = np.full(data.shape, max(1.4826 * float(mad), 1e-12), dtype=np.float32)
@@ -106,6 +111,8 @@ class BCDFrame:
                 f"BCD, uncertainty and mask shapes differ: {data.shape}, {unc.shape}, {m.shape}"
             )
         to_mjysr = surface_brightness_factor(header)
+        if to_mjysr == 1.0 and header.get("BUNIT") != "MJy/sr":
+            header["BUNIT"] = "MJy/sr"  # one spelling: frames of a mosaic must agree
         if to_mjysr != 1.0:
             data = (data * to_mjysr).astype(np.float32)
             unc = (unc * to_mjysr).astype(np.float32)

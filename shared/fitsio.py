@@ -67,17 +67,27 @@ def image_hdu(hdul: fits.HDUList, *, with_data: bool = True) -> tuple[object, fi
     """(data, header) of the file's image: the primary HDU's, or for a file written with an
     empty primary (or tile-compressed, `.fits.fz`) the first image extension's, whose header
     is then completed with the primary's observation keywords (TELESCOP, AORKEY ...: the
-    extension's own values win). `data` is None with `with_data=False`."""
+    extension's own values win). Trailing axes of length 1 (NAXIS3 = 1) are dropped, from
+    the data and the header. `data` is None with `with_data=False`."""
     i = _image_index(hdul)
     hdu = hdul[i]
     header = hdu.header.copy()
+    data = hdu.data if with_data else None
+    # Degenerate axes (NAXIS3 = 1, as some tools write a single plane): a 2-D image.
+    naxis = int(header.get("NAXIS", 0) or 0)
+    while naxis > 2 and int(header.get(f"NAXIS{naxis}", 0) or 0) == 1:
+        del header[f"NAXIS{naxis}"]
+        naxis -= 1
+        header["NAXIS"] = naxis
+        if data is not None:
+            data = data[0]
     if i:
         for card in hdul[0].header.cards:
             key = card.keyword
             skip = key in ("COMMENT", "HISTORY", "") or bool(_STRUCTURE.match(key))
             if not skip and key not in header:
                 header[key] = (card.value, card.comment)
-    return (hdu.data if with_data else None), header
+    return data, header
 
 
 def add_provenance(

@@ -9,6 +9,7 @@ CHNLNUM, DCENUM), so it works on BCDs from skybus calibrate and from other tools
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -94,7 +95,7 @@ def _frame_identity(frame: BCDFrame) -> tuple[str, int, str]:
     )
 
 
-def _has_first_frame_effect(frame: BCDFrame) -> bool:
+def has_first_frame_effect(frame: BCDFrame) -> bool:
     """Whether DCENUM 0 of this frame's array is depressed: the MIPS 24 um Si:As array only.
     The MIPS Ge:Ga channels (CHNLNUM 2, 3) have no first-frame effect, and other instruments'
     DCENUM does not count DCEs within a MIPS cycle (every IRAC BCD is DCENUM 0)."""
@@ -151,12 +152,13 @@ def build_mosaic(
         if not f.has_consistent_arrays:
             notes.append(f"{keys[i]}: data/unc/mask shapes differ or are not 2-D; dropped")
             continue
-        if drop_first_dce and f.dcenum == 0 and _has_first_frame_effect(f):
+        if drop_first_dce and f.dcenum == 0 and has_first_frame_effect(f):
             notes.append(f"{keys[i]}: DCENUM 0 (first-frame effect); dropped")
             continue
         ok = f.usable_pixels(fatal_bits)
         if not ok.any():
-            notes.append(f"{keys[i]}: no valid pixel (all NaN, masked or unc <= 0); dropped")
+            notes.append(f"{keys[i]}: no valid pixel (all NaN, flagged by fatal_bits, or "
+                         "unc <= 0); dropped")
             continue
         med_unc = float(np.median(f.unc[ok]))
         noise = _empirical_noise(f.data, ok)
@@ -172,9 +174,11 @@ def build_mosaic(
         valid[i] = ok
         used[i] = True
     if not used.any():
+        # why, counted by reason (the notes are "<frame>: <reason>")
+        reasons = Counter(note.split(": ", 1)[-1] for note in notes)
         raise NoUsableFramesError(
-            "no usable frame: all were DCENUM 0, fully masked or NaN; check fatal_bits and "
-            "drop_first_dce"
+            f"no usable frame among {n}: "
+            + "; ".join(f"{k} x {reason}" for reason, k in reasons.most_common())
         )
     idx = np.flatnonzero(used)
     identities = {_frame_identity(frames[i]) for i in idx}

@@ -56,7 +56,7 @@ class MosaicService(Service):
             raise Skip(f"mosaic does not use {message.instrument} {message.product_type}")
 
     async def _post_bcd(self, ref: ProductRef, ctx: Context) -> None:
-        from services.mosaic.coadd import NoUsableFramesError, build_mosaic
+        from services.mosaic.coadd import NoUsableFramesError, build_mosaic, has_first_frame_effect
         from services.mosaic.pbcd import mosaic_hdus
         from services.mosaic.quicklook import quicklook_png
 
@@ -89,7 +89,9 @@ class MosaicService(Service):
             )
         except NoUsableFramesError as exc:
             hint = ""
-            if c.drop_first_dce and all(f.dcenum == 0 for f in frames):
+            if c.drop_first_dce and all(
+                f.dcenum == 0 and has_first_frame_effect(f) for f in frames
+            ):
                 hint = (" (every frame is DCENUM 0: to mosaic them anyway, set "
                         "SKYBUS_MOSAIC_DROP_FIRST_DCE=false)")
             raise BadData(f"{exc}{hint}") from exc

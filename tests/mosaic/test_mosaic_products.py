@@ -179,7 +179,7 @@ def test_first_dce_dropped_and_errors(field) -> None:
     assert np.isnan(m.offsets_mjysr[:2]).all()
     m_all = build_mosaic(first, drop_first_dce=False)
     assert m_all.used.all()
-    with pytest.raises(NoUsableFramesError):
+    with pytest.raises(NoUsableFramesError, match=r"among 2: 2 x DCENUM 0 \(first-frame"):
         build_mosaic(first[:2])
     with pytest.raises(NoUsableFramesError):
         build_mosaic([])

@@ -59,3 +59,29 @@ def test_extension_keywords_win_and_structure_is_not_copied() -> None:
     table = fits.BinTableHDU.from_columns([fits.Column("a", "E", array=np.zeros(3))])
     data, header = fitsio.image_hdu(fits.HDUList([fits.PrimaryHDU(), table]))
     assert data is None and header["NAXIS"] == 0
+
+
+def _hdul(data: np.ndarray, header: fits.Header) -> fits.HDUList:
+    return fits.HDUList([fits.PrimaryHDU(data, header)])
+
+
+def test_bcds_as_other_tools_write_them() -> None:
+    """A single-plane cube (NAXIS3 = 1), a bunc with no usable value, and BUNIT spellings of
+    MJy/sr: each still gives a usable frame, and frames of one AOR agree on their unit."""
+    header = archive.header(1, dcenum=2)
+    data = (20 + np.random.default_rng(2).normal(0, 0.1, (16, 16))).astype(np.float32)
+    cube = BCDFrame.from_hdus(_hdul(data[None], header), _hdul(np.full((1, 16, 16), 0.1,
+                                                                       np.float32), header))
+    assert cube.data.shape == (16, 16) and cube.unc.shape == (16, 16)
+    assert "NAXIS3" not in cube.header and cube.header["NAXIS"] == 2
+
+    zero = BCDFrame.from_hdus(_hdul(data, header), _hdul(np.zeros_like(data), header))
+    assert np.all(zero.unc > 0) and float(zero.unc[0, 0]) == pytest.approx(0.1, rel=0.3)
+    assert "unc estimated" in str(zero.header["HISTORY"])
+
+    units = set()
+    for spelling in ("MJY/SR", "MJy sr-1", "mjy/sr"):
+        h = header.copy()
+        h["BUNIT"] = spelling
+        units.add(BCDFrame.from_hdus(_hdul(data, h)).header["BUNIT"])
+    assert units == {"MJy/sr"}
