@@ -331,6 +331,9 @@ class ServiceRunner:
             await msg.ack()
         except (BadData, ValueError) as exc:
             outcome, reason = "bad_data", str(exc) or type(exc).__name__
+            # the items found bad before the whole message failed keep their own reasons
+            for dl in ctx.dead_letters:
+                await self._publish_dead(dl)
             await self._publish_dead(self._dead_letter_of(msg, reason, "bad_data", run_id))
             await msg.term()
         except (Transient, ConnectionError, TimeoutError, nats.errors.Error) as exc:

@@ -1,7 +1,8 @@
 """A minimal service for testing the runtime (not a mock: it runs on the real runtime, bus and
 store). It consumes telemetry-level references and writes one decoded product per input.
 
-Input bytes select the behaviour: `BAD...` is rejected as bad data, `BUG...` raises a bug,
+Input bytes select the behaviour: `BAD...` is rejected as bad data, `PARTBAD...` reports a
+bad part, then is rejected as a whole, `BUG...` raises a bug,
 `SLOW<seconds>` writes its product, then works for that long before returning.
 
 Run as a process: `python -m tests.platform.echo_service NATS_URL STORE_DIR [ACK_WAIT_S]`.
@@ -43,6 +44,9 @@ class EchoService(Service):
     async def handle(self, message: Envelope, ctx: Context) -> None:
         assert isinstance(message, ProductRef)
         data = await ctx.read(message.key)
+        if data.startswith(b"PARTBAD"):
+            ctx.dead_letter("part 1 of the input is bad", item="part-1")
+            raise ValueError(f"input {message.key}: nothing usable is left")
         if data.startswith(b"BAD"):
             raise ValueError(f"input {message.key} is rejected: it starts with BAD")
         if data.startswith(b"BUG"):

@@ -85,6 +85,32 @@ async def test_bad_inputs_dead_lettered_good_ones_processed(
     await nc.drain()
 
 
+async def test_parts_reported_before_the_whole_failed_keep_their_reasons(
+    nats_server: EmbeddedNats, store: ObjectStore
+) -> None:
+    """A message whose handler dead-letters one item, then rejects the whole: both reasons
+    reach the dead-letter subject (the item's is not lost with the message)."""
+    nc, js = await setup_bus(nats_server.url)
+    await publish_chunk(js, store, 7, b"PARTBAD data")
+    stop = asyncio.Event()
+    runner = ServiceRunner(
+        EchoService(), nats_url=nats_server.url, store=store, settings=settings()
+    )
+    task = asyncio.create_task(runner.run(stop))
+
+    async def two() -> bool:
+        return len(await stream_messages(js, subjects.DEADLETTER_STREAM)) == 2
+
+    await wait_for(two)
+    dead = [m for _, m in await stream_messages(js, subjects.DEADLETTER_STREAM)]
+    reasons = sorted(d.reason for d in dead)  # type: ignore[union-attr]
+    assert "nothing usable is left" in reasons[0] and reasons[1] == "part 1 of the input is bad"
+    assert [d.item for d in dead if d.reason.startswith("part")] == ["part-1"]  # type: ignore[union-attr]
+    stop.set()
+    await task
+    await nc.drain()
+
+
 async def test_bug_dead_lettered_after_max_deliver(
     nats_server: EmbeddedNats, store: ObjectStore
 ) -> None:
