@@ -301,10 +301,11 @@ def _duplicates(what: str, dce: _Dce, names: list[str]) -> list[SpitzerProblem]:
 def group_spitzer_files(files: list[tuple[str, fits.Header | None]]) -> SpitzerSets:
     """Group archive files per AOR + channel; attach bunc/mask/fbcd companions to their BCD.
 
-    Two files that claim to be the same product of the same DCE are both reported (neither
-    is used), never one silently replacing the other; a BCD without a usable celestial WCS
-    is reported; known products the pipeline does not use (ebcd, brmsk) are listed in
-    `ignored`.
+    Of two Spitzer-named versions of one product (an archive reprocessing: `_1_` and `_2_`)
+    the newer is used and the older logged; other files that claim to be the same product of
+    the same DCE are both reported (neither is used), never one silently replacing the
+    other; a BCD without a usable celestial WCS is reported; known products the pipeline does
+    not use (ebcd, brmsk) are listed in `ignored`.
     """
     problems: list[SpitzerProblem] = []
     ignored: list[SpitzerProblem] = []
@@ -338,6 +339,16 @@ def group_spitzer_files(files: list[tuple[str, fits.Header | None]]) -> SpitzerS
             )
             continue
         claims[((inst, ch, aor, expid, dcenum), role)].append((name, kind))
+    for key, claimants in claims.items():
+        # archive reprocessings of one product: the newest version is used
+        newest = _newest_version([n for n, _ in claimants])
+        if newest is not None:
+            for name, _kind in claimants:
+                if name != newest:
+                    ignored.append(SpitzerProblem(
+                        name, f"{name}: superseded by {newest}, a newer version of the same "
+                              "product"))  # fmt: skip
+            claims[key] = [c for c in claimants if c[0] == newest]
     primaries: dict[tuple[_Dce, str], SpitzerMember] = {}
     not_used: set[_Dce] = set()  # DCEs whose BCD was reported: their companions go too
     headers = dict(files)
@@ -389,6 +400,25 @@ def group_spitzer_files(files: list[tuple[str, fits.Header | None]]) -> SpitzerS
     with_bcds = {(inst, ch, aor) for inst, ch, aor, level in groups if level == "bcd"}
     mosaics = _group_pbcd(pbcd, with_bcds, problems, ignored)
     return SpitzerSets(dict(groups), problems, ignored, mosaics)
+
+
+def _newest_version(names: list[str]) -> str | None:
+    """Of several Spitzer-named files of one product, the one with the highest version
+    number, when every one has a Spitzer name and their versions differ; else None."""
+    if len(names) < 2:
+        return None
+    versions = []
+    for name in names:
+        try:
+            info = mips.recognise_spitzer_fits(name)
+        except mips.SpitzerNameMismatchError:
+            return None
+        if info is None or info.version is None:
+            return None
+        versions.append(info.version)
+    if len(set(versions)) < len(versions):
+        return None
+    return names[versions.index(max(versions))]
 
 
 def _is_pbcd(name: str, header: fits.Header | None) -> bool:

@@ -176,3 +176,21 @@ def test_post_bcd_mosaics_are_grouped_for_extraction() -> None:
     assert "no usable celestial WCS" in sets.problems[0].reason
     sets = group_spitzer_files(archive.headers_of(dict([_pbcd(1, "maic", bunit="DN/s")])))
     assert "must be in MJy/sr" in sets.problems[0].reason and not sets.mosaics
+
+
+def test_newer_archive_version_supersedes_the_older() -> None:
+    """A DCE's products at versions 2 and 3 (an archive reprocessing): version 3 is used, with
+    its own companions; version 2 is logged as superseded, not dead-lettered."""
+    files = dict(archive.triplet(1, 4))
+    newer = {}
+    for name in files:
+        v3 = name.replace("_2_", "_3_")
+        kind = name.rsplit("_", 1)[1].split(".")[0]
+        newer[v3] = archive.product(1, dcenum=4, kind=kind, filename=v3)
+    sets = group_spitzer_files(archive.headers_of({**files, **newer}))
+    assert not sets.problems
+    (member,) = sets.groups[("MIPS", 1, archive.AORKEY, "bcd")]
+    assert "_3_bcd" in member.primary
+    assert all("_3_" in n for n in member.companions.values()) and len(member.companions) == 2
+    assert sorted(p.name for p in sets.ignored) == sorted(files)
+    assert all("superseded" in p.reason for p in sets.ignored)
