@@ -16,6 +16,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from services.extract.background import estimate_background
 from services.extract.detect import Detections, find_peaks, matched_filter, refilter
 from services.extract.prf import (
+    PrfFit,
     fit_common_fwhm,
     fit_point_sources,
     pixel_integrated_gaussian_1d,
@@ -28,6 +29,13 @@ from shared.instruments import mips
 UJY_PER_MJYSR_ARCSEC2 = 1e12 * mips.SR_PER_ARCSEC2
 #: 2.5 / ln(10): magnitude error per fractional flux error.
 _MAG_PER_FRAC = 2.5 / math.log(10.0)
+#: PRF mismatch (fraction of a source's model, see `_prf_mismatch`) above which the residual
+#: pass counts it as noise: 1%, far above what a matching model leaves (0 on the simulated
+#: MIPS mosaics), far below an undersampled PSF fitted with a Gaussian (4% for IRAC-like data).
+MIN_PRF_MISMATCH = 0.01
+#: Smallest flux of a residual-pass source relative to a fitted source within 3 FWHM
+#: (SExtractor's DEBLEND_MINCONT): fainter residual peaks there are the PRF's imperfection.
+MIN_RESIDUAL_CONTRAST = 0.005
 #: Largest relative difference between the detection filter's FWHM (the first guess) and the
 #: measured one at which the detection pass is kept; above it the image is filtered again.
 MAX_FILTER_MISMATCH = 0.15
@@ -366,6 +374,7 @@ def extract_sources(
     bkg, rms = estimate_background(img, mask=invalid, box_px=box)
     sub = _masked_difference(img, bkg, valid)
     # Detection filter of the first-guess FWHM; its peaks also serve the FWHM measurement.
+    mf_fwhm_px = guess_px
     mf = matched_filter(sub, weight, fwhm_px=guess_px, calibrate=calibrate_unc)
     det = find_peaks(mf, threshold=detect_sigma, valid=valid)
     if fwhm_src == "MIPS band":
@@ -394,6 +403,7 @@ def extract_sources(
         sub = _masked_difference(img, bkg, valid)
         refilter_needed = True
     if refilter_needed:
+        mf_fwhm_px = fwhm_px
         mf = matched_filter(sub, weight, fwhm_px=fwhm_px, calibrate=calibrate_unc)
         det = find_peaks(mf, threshold=detect_sigma, valid=valid)
     uscale = mf.noise_scale
@@ -412,14 +422,32 @@ def extract_sources(
         half_size=fit_half_size_px,
     )
     seg = det.n_in_segment
+    prf_mismatch = 0.0
     if residual_pass and det.x.size:
         # Detect on the residual: companions lost in a brighter source's peak show up here.
-        mf_res = refilter(mf, fit.residual, weight)
+        # Where the PRF model does not match the data's PSF (an undersampled mosaic PSF is not
+        # a pixel-integrated Gaussian), bright sources leave residual lumps of a few per cent
+        # of their model: that mismatch is part of the residual's noise, or the lumps become
+        # sources that take flux from the real one.
+        prf_mismatch = _prf_mismatch(fit)
+        if prf_mismatch > MIN_PRF_MISMATCH:
+            model = sub - fit.residual
+            w_res = np.zeros_like(weight_cal)
+            np.divide(1.0, 1.0 / np.where(valid, weight_cal, 1.0)
+                      + np.square(prf_mismatch * model), out=w_res, where=valid)
+            mf_res = matched_filter(fit.residual, w_res, fwhm_px=mf_fwhm_px, calibrate=False)
+        else:
+            mf_res = refilter(mf, fit.residual, weight)
         more = find_peaks(mf_res, threshold=detect_sigma, valid=valid, segments=False)
         if more.x.size:
             # Only accept residual peaks not at an already fitted position (fit imperfections).
             d2 = (more.x[:, None] - fit.x[None, :]) ** 2 + (more.y[:, None] - fit.y[None, :]) ** 2
             new = np.min(d2, axis=1) > (0.5 * fwhm_px) ** 2
+            # ... nor a lump in a much brighter source's wings: below the deblending contrast
+            # of SExtractor (DEBLEND_MINCONT 0.005) of a source within 3 FWHM.
+            near = d2 < (3.0 * fwhm_px) ** 2
+            brightest = np.max(np.where(near, fit.flux[None, :], 0.0), axis=1)
+            new &= more.flux >= MIN_RESIDUAL_CONTRAST * brightest
             if np.any(new):
                 x0 = np.concatenate([fit.x, more.x[new]])
                 y0 = np.concatenate([fit.y, more.y[new]])
@@ -568,9 +596,24 @@ def extract_sources(
             "NSIGDET": detect_sigma,
             "BKGRMS": float(np.median(rms[valid])),
             "APNBSUB": bool(subtract_neighbours),
+            "PRFMISM": round(prf_mismatch, 4),
         }
     )
     return t
+
+
+def _prf_mismatch(fit: PrfFit, *, min_snr: float = 50.0, min_sources: int = 3) -> float:
+    """Fractional mismatch between the PRF model and the data's PSF: the median over bright
+    isolated sources of sqrt(excess chi^2 / model power), (chi^2 - npix) / (S/N)^2 (the
+    model's power in the weighted sum is (S/N)^2). 0 when the model fits to the noise, or
+    with fewer than `min_sources` bright isolated sources."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = fit.flux / fit.flux_err
+    bright = np.isfinite(snr) & (snr > min_snr) & (fit.n_in_group == 1)
+    if int(bright.sum()) < min_sources:
+        return 0.0
+    excess = (fit.chi2[bright] - fit.npix[bright]) / np.square(snr[bright])
+    return float(np.sqrt(max(float(np.median(excess)), 0.0)))
 
 
 def _masked_difference(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> np.ndarray:
