@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from astropy import units as u
 from astropy.io import fits
 from astropy.wcs import WCS
 
@@ -138,8 +139,15 @@ _DN_PER_S = {"dn/s", "dn/sec", "dn s-1", "dn s**-1", "dn.s**-1", "dn s^-1", "adu
 
 
 def is_mjy_per_sr(bunit: object) -> bool:
-    """Whether a BUNIT value says MJy/sr (in any of its usual spellings)."""
-    return " ".join(str(bunit or "").strip().lower().split()) in _MJYSR
+    """Whether a BUNIT value says MJy/sr: one of its usual spellings in any case, or any
+    spelling astropy's unit parser reads as MJy/sr ('MJy / sr', 'MJy.sr-1' ...)."""
+    text = " ".join(str(bunit or "").strip().split())
+    if text.lower() in _MJYSR:
+        return True
+    try:
+        return bool(u.Unit(text, parse_strict="raise") == u.MJy / u.sr)
+    except (ValueError, TypeError):
+        return False
 
 
 def surface_brightness_factor(header: Mapping[str, object]) -> float:
@@ -154,7 +162,7 @@ def surface_brightness_factor(header: Mapping[str, object]) -> float:
             "with FLUXCONV (MJy/sr per DN/s)"
         )
     unit = " ".join(str(raw).strip().lower().split())
-    if unit in _MJYSR:
+    if is_mjy_per_sr(raw):
         return 1.0
     if unit in _DN_PER_S:
         conv = header.get("FLUXCONV")

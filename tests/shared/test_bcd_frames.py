@@ -50,6 +50,7 @@ def test_dn_per_s_frames_are_converted_with_fluxconv() -> None:
         ("DN/s", None, "FLUXCONV"),
         ("DN/s", -1.0, "FLUXCONV"),
         ("Jy/beam", 0.0447, "not a surface brightness"),
+        ("MJy/str", 0.0447, "not a surface brightness"),
     ],
 )
 def test_unusable_units_are_refused_with_what_to_set(
