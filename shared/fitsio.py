@@ -7,6 +7,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 from astropy.io import fits
 from astropy.io.fits.verify import VerifyError
 from astropy.table import Table
@@ -63,7 +64,8 @@ def image_header(hdul: fits.HDUList) -> fits.Header:
     return image_hdu(hdul, with_data=False)[1]
 
 
-def image_hdu(hdul: fits.HDUList, *, with_data: bool = True) -> tuple[object, fits.Header]:
+def image_hdu(hdul: fits.HDUList, *, with_data: bool = True
+              ) -> tuple[np.ndarray | None, fits.Header]:
     """(data, header) of the file's image: the primary HDU's, or for a file written with an
     empty primary (or tile-compressed, `.fits.fz`) the first image extension's, whose header
     is then completed with the primary's observation keywords (TELESCOP, AORKEY ...: the

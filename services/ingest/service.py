@@ -13,17 +13,21 @@ dead-lettered with the reason; the other files of the submission go on.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Annotated
 
 import msgspec
+import numpy as np
 from astropy.io import fits
 
 from services.ingest import recognise
 from services.ingest.recognise import InputKind
+from shared import fitsio
 from shared.errors import Skip
 from shared.messages import Envelope, Group, ObsId, StoredObject, Submission
+from shared.quicklook import quicklook_png
 from shared.runtime import Context, ProductFile, ProductOut, Service
 from shared.subjects import Level
 
@@ -167,6 +171,14 @@ class IngestService(Service):
         files = [ProductFile("maic", maic.name, maic.data)]
         files += [ProductFile(role, by_name[roles[role]].name, by_name[roles[role]].data)
                   for role in ("munc", "mcov") if role in roles]
+        # a quick-look PNG beside it, as for the mosaics skybus makes
+        png_name = re.sub(r"\.fits(\.fz)?$", ".png", maic.name, flags=re.IGNORECASE)
+        with fitsio.open_bytes(maic.data) as hdul:
+            image, _ = fitsio.image_hdu(hdul)
+        if image is not None and np.ndim(image) == 2:
+            png = await ctx.run(quicklook_png, np.asarray(image, dtype=float),
+                                title=f"{instrument} ch{channel} AOR {aorkey} (archive)")
+            files.append(ProductFile("quicklook", png_name, png))
         version = await ctx.version(f"{instrument}.pbcd-archive.{aorkey}.{channel}")
         await ctx.emit(
             ProductOut(

@@ -8,7 +8,7 @@ from services.mosaic.coadd import (
     build_mosaic,
 )
 from services.mosaic.pbcd import mosaic_hdus
-from services.mosaic.quicklook import quicklook_png
+from shared.quicklook import quicklook_png
 
 __all__ = [
     "InconsistentFramesError",

@@ -58,7 +58,7 @@ class MosaicService(Service):
     async def _post_bcd(self, ref: ProductRef, ctx: Context) -> None:
         from services.mosaic.coadd import NoUsableFramesError, build_mosaic, has_first_frame_effect
         from services.mosaic.pbcd import mosaic_hdus
-        from services.mosaic.quicklook import quicklook_png
+        from shared.quicklook import quicklook_png
 
         if ref.group is None:
             raise Skip("a BCD without a group (AOR + band) is not mosaicked")

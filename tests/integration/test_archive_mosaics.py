@@ -66,6 +66,7 @@ def test_archive_mosaics_give_source_lists_and_a_band_merged_list(tmp_path: Path
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lists = sorted(out.glob("*_sources.tbl"))
     assert [p.name[:10] for p in lists] == ["SPITZER_M1", "SPITZER_M2"], proc.stdout
+    assert len(list(out.glob("SPITZER_M*_maic.png"))) == 2  # a quick look of each mosaic
     merged_files = list(out.glob("*bandmerged.tbl"))
     assert len(merged_files) == 1, proc.stdout
     merged = Table.read(merged_files[0], format="ascii.ipac")
