@@ -29,6 +29,15 @@ class Group(msgspec.Struct, frozen=True):
     index: int
     count: int
 
+    @classmethod
+    def aor_mosaics(cls, instrument: str, aorkey: int, channel: int,
+                    channels: tuple[int, ...] | list[int], run_id: str) -> Group:
+        """The band-merge group of one submission's mosaics of an AOR: one member per channel
+        of `channels` (mosaics made by skybus and archive mosaics entered by ingest meet in
+        it; extract counts replays by generation)."""
+        return cls(f"{instrument}-{aorkey}-mosaics-{run_id or 'norun'}",
+                   list(channels).index(channel) if channel in channels else 0, len(channels))
+
 
 class ObsId(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Observation identifiers; which are set depends on the mission."""

@@ -190,12 +190,7 @@ class IngestService(Service):
                 subdir=f"aor{aorkey}/ch{channel}/archive-v{version}",
                 version=version,
                 parents=(maic.obj.key,),
-                group=Group(
-                    # the id mosaic gives the band-merge group of a submission's mosaics
-                    f"{instrument}-{aorkey}-mosaics-{ctx.run_id or 'norun'}",
-                    channels.index(channel),
-                    len(channels),
-                ),
+                group=Group.aor_mosaics(instrument, aorkey, channel, channels, ctx.run_id),
                 meta={"origin": "archive", "aor_channels": ",".join(map(str, channels))},
             )
         )

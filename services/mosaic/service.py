@@ -131,12 +131,7 @@ class MosaicService(Service):
                 subdir=f"aor{aor}/ch{ch}",
                 version=version,
                 parents=parents,
-                group=Group(
-                    # one band-merge group per submission (run); extract counts replays
-                    f"{inst}-{aor}-mosaics-{ref.run_id or 'norun'}",
-                    channels.index(ch) if ch in channels else 0,
-                    len(channels),
-                ),
+                group=Group.aor_mosaics(inst, aor, ch, channels, ref.run_id),
                 meta={
                     **ref.meta,
                     "n_frames_used": mosaic.n_frames_used,
