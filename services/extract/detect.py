@@ -59,7 +59,7 @@ def _inv_sqrt(den: np.ndarray) -> np.ndarray:
     return out
 
 
-def _grow(mask: np.ndarray, size: int) -> np.ndarray:
+def grow_mask(mask: np.ndarray, size: int) -> np.ndarray:
     """`mask` grown by a `size` x `size` square (odd size): ndimage.maximum_filter(mask, size)
     as shifted ORs, which cost a fraction of the filter on a small boolean map."""
     half = size // 2
@@ -140,7 +140,7 @@ def _quiet_rms(snr: np.ndarray, valid: np.ndarray, n_valid: int, *, grow: int,
                threshold: float) -> float:
     """Robust RMS of an S/N map away from sources brighter than `threshold` (grown by `grow`
     pixels); 0 when fewer than max(100, 5% of the `n_valid` valid pixels) are left."""
-    near = _grow(np.abs(snr) > threshold, grow)
+    near = grow_mask(np.abs(snr) > threshold, grow)
     quiet = snr[valid & ~near]
     if quiet.size > max(100, n_valid // 20):
         lo, hi = np.percentile(quiet, [15.865, 84.135])

@@ -14,7 +14,13 @@ from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from services.extract.background import estimate_background
-from services.extract.detect import Detections, find_peaks, matched_filter, refilter
+from services.extract.detect import (
+    Detections,
+    find_peaks,
+    grow_mask,
+    matched_filter,
+    refilter,
+)
 from services.extract.prf import (
     PrfFit,
     fit_common_fwhm,
@@ -398,7 +404,7 @@ def extract_sources(
         # cells' levels are taken off-centre, which costs more than the sources' bias, which
         # the clipped mode already removes.
         mf = matched_filter(sub, weight, fwhm_px=fwhm_px, calibrate=False)
-        srcmask = ndimage_grow(mf.snr > 5.0, max(1, round(1.5 * fwhm_px)))
+        srcmask = grow_mask(mf.snr > 5.0, 2 * max(1, round(1.5 * fwhm_px)) + 1)
         bkg, rms = estimate_background(img, mask=invalid | srcmask, box_px=box)
         sub = _masked_difference(img, bkg, valid)
         refilter_needed = True
@@ -642,13 +648,6 @@ def _table_aperture_correction(band: mips.MipsBand | None, radius_arcsec: float)
         if abs(r - radius_arcsec) < 0.05 and sky_in == 0.0:
             return corr
     return None
-
-
-def ndimage_grow(mask: np.ndarray, radius_px: int) -> np.ndarray:
-    """Grow a boolean mask by a square of half-size `radius_px` (one max filter)."""
-    from scipy import ndimage
-
-    return ndimage.maximum_filter(mask, size=2 * radius_px + 1).astype(bool)
 
 
 def psf_weights(offset_x: np.ndarray, offset_y: np.ndarray, *, sigma_px: float) -> np.ndarray:

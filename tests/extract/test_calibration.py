@@ -66,11 +66,11 @@ def test_common_fwhm_rejects_a_blend() -> None:
 
 
 def test_source_mask_growth_matches_maximum_filter() -> None:
-    from services.extract.detect import _grow
+    from services.extract.detect import grow_mask
 
     rng = np.random.default_rng(4)
     for shape in ((60, 47), (3, 9), (1, 5)):
         mask = rng.random(shape) > 0.97
         for size in (1, 3, 5, 9):
-            np.testing.assert_array_equal(_grow(mask, size),
+            np.testing.assert_array_equal(grow_mask(mask, size),
                                           ndimage.maximum_filter(mask, size=size))
