@@ -39,8 +39,9 @@ FILTERED_TYPES = {"fbcd"}  #: Ge median-filtered BCD (carried, not used by mosai
 UNUSED_TYPES = {"ebcd", "brmsk", "rmask"}
 BCD_TYPES = PRIMARY_BCD_TYPES | FILTERED_TYPES | {"ebcd"}
 RAW_TYPES = {"raw", "dce"}
-#: Post-BCD products entered at the mosaic level (image, uncertainty, coverage), by role.
-PBCD_ROLES = {"maic": "maic", "munc": "munc", "mcov": "mcov"}
+#: Post-BCD products entered at the mosaic level (image, uncertainty, coverage); the type is
+#: the file's role in the mosaic product.
+PBCD_TYPES = {"maic", "munc", "mcov"}
 
 
 class InputKind(enum.StrEnum):
@@ -283,18 +284,19 @@ def _dce_text(dce: _Dce) -> str:
     return f"{inst} ch{ch} AOR {aor} EXPID {expid} DCENUM {dcenum}"
 
 
-def _duplicates(what: str, dce: _Dce, names: list[str]) -> list[SpitzerProblem]:
-    """One problem per file when several files claim to be the same product of one DCE."""
+#: What usually makes two files claim one per-DCE product.
+_DCE_DUPLICATE_HINT = (" (a bunc or mask with a name or header that does not say so is the usual "
+                       "cause: give the files their Spitzer names, *_bcd/_bunc/_bbmsk.fits)")
+
+
+def _duplicates(what: str, names: list[str], hint: str = "") -> list[SpitzerProblem]:
+    """One problem per file when several files claim to be the same product (`what`)."""
     out = []
     for name in names:
         others = ", ".join(n for n in names if n != name)
         out.append(SpitzerProblem(
-            name,
-            f"{name}: {others} also claim(s) to be the {what} of {_dce_text(dce)}; none of "
-            "them is used. Keep one and submit again (a bunc or mask with a name or header "
-            "that does not say so is the usual cause: give the files their Spitzer names, "
-            "*_bcd/_bunc/_bbmsk.fits)",
-        ))  # fmt: skip
+            name, f"{name}: {others} also claim(s) to be the {what}; none of them is used. "
+                  f"Keep one and submit again{hint}"))  # fmt: skip
     return out
 
 
@@ -312,7 +314,7 @@ def group_spitzer_files(files: list[tuple[str, fits.Header | None]]) -> SpitzerS
     claims: dict[tuple[_Dce, str], list[tuple[str, str]]] = defaultdict(list)
     pbcd: list[tuple[str, fits.Header | None]] = []
     for name, header in files:
-        if _is_pbcd(name, header):
+        if _is_pbcd(name):
             pbcd.append((name, header))
             continue
         ident = _identity(name, header if header is not None else fits.Header())
@@ -356,7 +358,8 @@ def group_spitzer_files(files: list[tuple[str, fits.Header | None]]) -> SpitzerS
         if role not in ("bcd", "raw"):
             continue
         if len(claimants) > 1:
-            problems += _duplicates(role.upper(), dce, [n for n, _ in claimants])
+            problems += _duplicates(f"{role.upper()} of {_dce_text(dce)}",
+                                    [n for n, _ in claimants], _DCE_DUPLICATE_HINT)
             not_used.add(dce)
             continue
         name, kind = claimants[0]
@@ -377,7 +380,7 @@ def group_spitzer_files(files: list[tuple[str, fits.Header | None]]) -> SpitzerS
         names = [n for n, _ in claimants]
         member = primaries.get((dce, "bcd"))
         if len(claimants) > 1:
-            problems += _duplicates(role, dce, names)
+            problems += _duplicates(f"{role} of {_dce_text(dce)}", names, _DCE_DUPLICATE_HINT)
         elif member is not None:
             member.companions[role] = names[0]
         elif dce in not_used:
@@ -421,7 +424,7 @@ def _newest_version(names: list[str]) -> str | None:
     return names[versions.index(max(versions))]
 
 
-def _is_pbcd(name: str, header: fits.Header | None) -> bool:
+def _is_pbcd(name: str) -> bool:
     """A Spitzer-named post-BCD product (its name and header are checked by `_group_pbcd`)."""
     try:
         info = mips.recognise_spitzer_fits(name)
@@ -450,9 +453,9 @@ def _group_pbcd(
             problems.append(SpitzerProblem(name, f"{name}: {exc}"))
             continue
         assert info is not None
-        role = PBCD_ROLES.get(info.product_type)
+        role = info.product_type
         band = (info.instrument, info.channel, info.aorkey)
-        if role is None:
+        if role not in PBCD_TYPES:
             ignored.append(SpitzerProblem(
                 name, f"{name}: post-BCD '{info.product_type}' product, not used by the "
                       "pipeline (maic, munc and mcov are)"))  # fmt: skip
@@ -464,14 +467,9 @@ def _group_pbcd(
             claims[(band, role)].append(name)
     mosaics: dict[tuple[str, int, int], dict[str, str]] = {}
     for (band, role), names in sorted(claims.items(), key=lambda kv: kv[0][1] != "maic"):
-        inst, ch, aor = band
-        what = f"{role} of {inst} ch{ch} AOR {aor}"
         if len(names) > 1:
-            for name in names:
-                others = ", ".join(n for n in names if n != name)
-                problems.append(SpitzerProblem(
-                    name, f"{name}: {others} also claim(s) to be the {what}; none of them is "
-                          "used. Keep one and submit again"))  # fmt: skip
+            inst, ch, aor = band
+            problems += _duplicates(f"{role} of {inst} ch{ch} AOR {aor}", names)
             continue
         name = names[0]
         if role == "maic":
