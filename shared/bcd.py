@@ -112,15 +112,13 @@ class BCDFrame:
                 f"BCD, uncertainty and mask shapes differ: {data.shape}, {unc.shape}, {m.shape}"
             )
         to_mjysr = surface_brightness_factor(header)
-        if to_mjysr == 1.0 and header.get("BUNIT") != "MJy/sr":
-            header["BUNIT"] = "MJy/sr"  # one spelling: frames of a mosaic must agree
         if to_mjysr != 1.0:
             data = (data * to_mjysr).astype(np.float32)
             unc = (unc * to_mjysr).astype(np.float32)
             header["HISTORY"] = (
                 f"skybus: {header['BUNIT']} x FLUXCONV {to_mjysr:g} -> MJy/sr (data and unc)"
             )
-            header["BUNIT"] = "MJy/sr"
+        header["BUNIT"] = "MJy/sr"  # one spelling: the frames of a mosaic must agree
         return cls(data=data, unc=unc, mask=m.astype(np.int32), header=header, key=key)
 
 
