@@ -49,6 +49,15 @@ class _Input:
     header: fits.Header | None
 
 
+def _quicklook_of(fits_bytes: bytes, *, title: str) -> bytes | None:
+    """Quick-look PNG of a FITS file's image (None when it holds no 2-D image)."""
+    with fitsio.open_bytes(fits_bytes) as hdul:
+        image, _ = fitsio.image_hdu(hdul)
+    if image is None or np.ndim(image) != 2:
+        return None
+    return quicklook_png(np.asarray(image, dtype=float), title=title)
+
+
 class IngestService(Service):
     name = "ingest"
     Config = IngestConfig
@@ -172,12 +181,10 @@ class IngestService(Service):
         files += [ProductFile(role, by_name[roles[role]].name, by_name[roles[role]].data)
                   for role in ("munc", "mcov") if role in roles]
         # a quick-look PNG beside it, as for the mosaics skybus makes
-        png_name = re.sub(r"\.fits(\.fz)?$", ".png", maic.name, flags=re.IGNORECASE)
-        with fitsio.open_bytes(maic.data) as hdul:
-            image, _ = fitsio.image_hdu(hdul)
-        if image is not None and np.ndim(image) == 2:
-            png = await ctx.run(quicklook_png, np.asarray(image, dtype=float),
-                                title=f"{instrument} ch{channel} AOR {aorkey} (archive)")
+        png = await ctx.run(_quicklook_of, maic.data,
+                            title=f"{instrument} ch{channel} AOR {aorkey} (archive)")
+        if png is not None:
+            png_name = re.sub(r"\.fits(\.fz)?$", ".png", maic.name, flags=re.IGNORECASE)
             files.append(ProductFile("quicklook", png_name, png))
         version = await ctx.version(f"{instrument}.pbcd-archive.{aorkey}.{channel}")
         await ctx.emit(
