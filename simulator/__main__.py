@@ -1,6 +1,6 @@
 """Command line: write a simulated MIPS AOR (telemetry, calibration, truth) to a folder.
 
-python -m simulator OUTDIR [--small | --scan] [--channels 1,2] [--seed N]
+python -m simulator OUTDIR [--small | --scan] [--channels 1,2] [--seed N] [--psf airy]
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     kind.add_argument("--scan", action="store_true", help="a scan-map AOR")
     p.add_argument("--channels", default=None, help="comma-separated MIPS channels, e.g. 1,2,3")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--psf", choices=("gaussian", "airy"), default=None,
+                   help="the optics: a Gaussian of the band's FWHM (default), or the diffraction "
+                        "pattern of the 85 cm mirror with its rings, as the real MIPS PSF")
+    p.add_argument("--obscuration", type=float, default=None,
+                   help="central obscuration (diameter ratio) of the Airy pattern (0.3)")
     args = p.parse_args(argv)
     cfg = (
         MipsAORConfig.small() if args.small else MipsAORConfig.scan_map() if args.scan
@@ -30,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         changes["channels"] = tuple(int(c) for c in args.channels.split(","))
     if args.seed is not None:
         changes["seed"] = args.seed
+    if args.psf is not None:
+        changes["psf"] = args.psf
+    if args.obscuration is not None:
+        changes["airy_obscuration"] = args.obscuration
     cfg = dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]
     for path in write_aor(cfg, args.outdir):
         print(path)

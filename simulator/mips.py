@@ -109,12 +109,18 @@ class MipsAORConfig:
     flat_calibration_error: float = 0.003  #: the "measured" flat is known to this (rms)
     dark_calibration_error_dn_s: float = 0.02
     segment_bytes: int = tlm.DEFAULT_SEGMENT_BYTES
+    # --- optics: "gaussian" (the band's FWHM) or "airy" (the diffraction pattern of the 85 cm
+    # mirror at the band's wavelength, with this central obscuration: rings and all)
+    psf: str = "gaussian"
+    airy_obscuration: float = 0.3
 
     def __post_init__(self) -> None:
         if self.mode not in ("photometry", "scan"):
             raise ValueError(f"mode must be 'photometry' or 'scan', got {self.mode!r}")
         if not self.channels or not set(self.channels) <= {1, 2, 3}:
             raise ValueError(f"channels must be a subset of (1, 2, 3), got {self.channels}")
+        if self.psf not in ("gaussian", "airy"):
+            raise ValueError(f"psf must be 'gaussian' or 'airy', got {self.psf!r}")
 
     @classmethod
     def small(cls, **overrides: object) -> MipsAORConfig:
@@ -145,6 +151,11 @@ class MipsAORConfig:
     @property
     def aot_type(self) -> str:
         return "MIPSPHOT" if self.mode == "photometry" else "MIPSSCAN"
+
+    @property
+    def render_airy_obscuration(self) -> float | None:
+        """`sky.render`'s airy_obscuration for this AOR's optics (None: the Gaussian)."""
+        return self.airy_obscuration if self.psf == "airy" else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +198,8 @@ class SimulatedAOR:
         if key not in self._cache:
             band = mips.BANDS[channel]
             self._cache[key] = skymod.render(
-                self.sky, channel, self.truth_wcs(*key), (band.nrows, band.ncols)
+                self.sky, channel, self.truth_wcs(*key), (band.nrows, band.ncols),
+                airy_obscuration=self.config.render_airy_obscuration,
             )
         return self._cache[key]
 
@@ -448,7 +460,8 @@ def simulate_aor(cfg: MipsAORConfig) -> SimulatedAOR:
         ra, dec = _boresight(cfg, d)
         exptime, nsamples, nramps = _exptime_s(cfg, d.channel)
         wcs = _dce_wcs(base_wcs[d.channel], ra, dec)
-        sky_mjysr = skymod.render(sky, d.channel, wcs, (band.nrows, band.ncols))
+        sky_mjysr = skymod.render(sky, d.channel, wcs, (band.nrows, band.ncols),
+                                  airy_obscuration=cfg.render_airy_obscuration)
         sim._cache[(d.channel, d.expid, d.dcenum)] = sky_mjysr
         resp = math.nan
         f_dce = 1.0

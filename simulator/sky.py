@@ -8,7 +8,9 @@ PSF over each pixel so that sum(MJy/sr x pixel solid angle) is the source flux.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,6 +170,7 @@ def render(
     include_background: bool = True,
     n_sub: int = 5,
     stamp_fwhm: float = 2.5,
+    airy_obscuration: float | None = None,
 ) -> np.ndarray:
     """Noiseless sky in MJy/sr on the grid (`shape` = (ny, nx)) of `wcs` (SIP applied).
 
@@ -177,10 +180,18 @@ def render(
     `n_sub` x `n_sub` sub-pixels); only
     a stamp of +-`stamp_fwhm` FWHM around each source is evaluated (vectorised over sources).
     sum(image x true pixel solid angle) equals the source flux to < 0.1 %.
+    With `airy_obscuration` the PSF is instead the diffraction pattern of Spitzer's 85 cm
+    mirror at the band's wavelength with that central obscuration (FWHM ~1.0 lambda/D, 5.8"
+    at 24 um; rings holding ~30% of the flux), averaged over `n_sub` x `n_sub` sub-pixels out
+    to 10 lambda/D (which holds ~98% of the flux: the rest, far below the noise, is not drawn).
     """
     ny, nx = shape
     fwhm = mips.BANDS[channel].psf_fwhm_arcsec if fwhm_arcsec is None else fwhm_arcsec
     sigma = fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    if airy_obscuration is not None:
+        lod = mips.BANDS[channel].lambda_over_d_arcsec
+        # Same stamps as the Gaussian's, to 10 lambda/D.
+        stamp_fwhm = 10.0 * lod / fwhm
     image = np.zeros(ny * nx, dtype=np.float64)
     src = sky.sources
     flux = np.asarray(src[sky.flux_column(channel)], dtype=float)
@@ -200,11 +211,20 @@ def render(
         # average it over sub-pixels.
         sv = np.linalg.svd(jac[idx], compute_uv=False) if idx.size else np.ones((0, 2))
         similar = np.abs(sv[:, 0] / sv[:, 1] - 1.0) < 2e-3
-        for chosen, fn in ((idx[similar], _render_erf), (idx[~similar], _render_stamps)):
-            # Chunks of sources bound the memory of the (source, stamp, sub-pixel) arrays.
-            for lo in range(0, chosen.size, 64):
-                sel = chosen[lo : lo + 64]
-                image += fn(xs[sel], ys[sel], flux[sel], jac[sel], sigma, half, n_sub, nx, ny)
+        if airy_obscuration is not None:
+            profile = functools.partial(_airy_per_arcsec2, lambda_over_d_arcsec=lod,
+                                        obscuration=airy_obscuration)
+            for lo in range(0, idx.size, 8):  # big stamps: fewer sources per chunk
+                sel = idx[lo : lo + 8]
+                image += _render_stamps(xs[sel], ys[sel], flux[sel], jac[sel], sigma, half,
+                                        n_sub, nx, ny, profile=profile)
+        else:
+            for chosen, fn in ((idx[similar], _render_erf), (idx[~similar], _render_stamps)):
+                # Chunks of sources bound the memory of the (source, stamp, sub-pixel) arrays.
+                for lo in range(0, chosen.size, 64):
+                    sel = chosen[lo : lo + 64]
+                    image += fn(xs[sel], ys[sel], flux[sel], jac[sel], sigma, half, n_sub,
+                                nx, ny)
     out: np.ndarray = image.reshape(ny, nx)
     if include_background:
         yy, xx = np.mgrid[0:ny, 0:nx]
@@ -256,8 +276,10 @@ def _render_stamps(
     n_sub: int,
     nx: int,
     ny: int,
+    profile: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Flattened (ny*nx) image of pixel-averaged Gaussian stamps, MJy/sr."""
+    """Flattened (ny*nx) image of pixel-averaged Gaussian stamps (or of `profile`, the PSF
+    per arcsec^2 at squared radius r^2 in arcsec^2, of unit total flux), MJy/sr."""
     x0 = np.rint(xs).astype(int)
     y0 = np.rint(ys).astype(int)
     off = np.arange(-half, half + 1)
@@ -268,14 +290,29 @@ def _render_stamps(
     j = jac[:, :, :, None, None, None, None]
     xi = j[:, 0, 0] * dx + j[:, 0, 1] * dy
     eta = j[:, 1, 0] * dx + j[:, 1, 1] * dy
-    g = np.exp(-(xi * xi + eta * eta) / (2.0 * sigma_arcsec**2)).mean(axis=(3, 4))
-    # Flux x normalised Gaussian per arcsec^2, in MJy/sr.
-    norm = flux_ujy * _MJY_PER_UJY / (2.0 * math.pi * sigma_arcsec**2) / mips.SR_PER_ARCSEC2
+    if profile is None:
+        g = np.exp(-(xi * xi + eta * eta) / (2.0 * sigma_arcsec**2)).mean(axis=(3, 4))
+        # Flux x normalised Gaussian per arcsec^2, in MJy/sr.
+        norm = flux_ujy * _MJY_PER_UJY / (2.0 * math.pi * sigma_arcsec**2) / mips.SR_PER_ARCSEC2
+    else:
+        g = profile(xi * xi + eta * eta).mean(axis=(3, 4))
+        norm = flux_ujy * _MJY_PER_UJY / mips.SR_PER_ARCSEC2
     vals = g * norm[:, None, None]
     px = np.broadcast_to(x0[:, None, None] + off[None, None, :], vals.shape)
     py = np.broadcast_to(y0[:, None, None] + off[None, :, None], vals.shape)
     ok = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
     return np.bincount(py[ok] * nx + px[ok], weights=vals[ok], minlength=ny * nx)
+
+
+def _airy_per_arcsec2(r2_arcsec2: np.ndarray, *, lambda_over_d_arcsec: float,
+                      obscuration: float) -> np.ndarray:
+    """Unit-flux obscured Airy pattern per arcsec^2 at squared radius `r2_arcsec2`."""
+    x = np.pi * np.sqrt(np.maximum(r2_arcsec2, 1e-24)) / lambda_over_d_arcsec
+    e = obscuration
+    amp = 2.0 * special.j1(x) / x
+    if e > 0:
+        amp = (amp - e * e * 2.0 * special.j1(e * x) / (e * x)) / (1.0 - e * e)
+    return (np.pi / 4.0) * (1.0 - e * e) * amp * amp / lambda_over_d_arcsec**2
 
 
 def gaussian_encircled_energy(radius_arcsec: float, fwhm_arcsec: float) -> float:

@@ -10,6 +10,8 @@ import numpy as np
 from astropy.table import Table
 from scipy.spatial import cKDTree
 
+from services.extract.photometry import wcs_pixel_scale_arcsec
+from services.extract.prfmodel import SkyPsf
 from services.extract.upperlimits import UPPER_LIMIT_CONVENTION, forced_upper_limits
 from shared.bcd import BCDFrame
 from shared.instruments import mips
@@ -40,7 +42,6 @@ def _frames_fwhm(name: str, table: Table, frames: Sequence[BCDFrame], mosaic_fwh
     was refined on them, else the list's mosaic FWHM with the resampling broadening removed
     (the band's calibrated PSF for a MIPS band)."""
     from services.extract.multiframe import frames_psf_fwhm
-    from services.extract.photometry import wcs_pixel_scale_arcsec
 
     if "MFFWHM" in table.meta:
         return float(table.meta["MFFWHM"])
@@ -244,15 +245,19 @@ def bandmerge(
         frames = frames_by_band.get(b, ())
         mosaic = (mosaics or {}).get(b)
         if undetected.size and (len(frames) or mosaic is not None):
+            # The PSF the band's extraction fitted (the Gaussian or the diffraction pattern).
+            psf = SkyPsf.from_table_meta(lists[b].meta, fwhm[b])
             if len(frames):
                 psf_fwhm = _frames_fwhm(b, lists[b], frames, fwhm[b])
+                psf = psf.on_frames(frame_pixel_arcsec=wcs_pixel_scale_arcsec(frames[0].wcs),
+                                    fwhm_arcsec=psf_fwhm)
             else:
                 assert mosaic is not None
                 frames, psf_fwhm = (mosaic,), fwhm[b]
             # every merged position (detected in any band) is a prior for the joint fit
             ul = forced_upper_limits(ra_m[undetected], dec_m[undetected], frames,
                                      fwhm_arcsec=psf_fwhm, nsigma=nsigma, fatal_bits=fatal_bits,
-                                     neighbours=(ra_m[det], dec_m[det]))
+                                     neighbours=(ra_m[det], dec_m[det]), psf=psf)
             got = np.asarray(ul["n_frames"]) > 0
             sel = undetected[got]
             flux[sel] = np.asarray(ul["flux"])[got]

@@ -30,7 +30,7 @@ from scipy import sparse
 from scipy.sparse import linalg as splinalg
 
 from services.extract.photometry import vega_magnitude, wcs_pixel_scale_arcsec
-from services.extract.prf import pixel_integrated_gaussian_1d, sigma_from_fwhm
+from services.extract.prfmodel import SkyPsf
 from shared import fitsio
 from shared.bcd import BCDFrame
 from shared.instruments import mips
@@ -115,12 +115,14 @@ def refine_on_frames(
     iterations: int = 5,
     max_shift_fwhm: float = 0.5,
     clip_sigma: float = 5.0,
+    psf: SkyPsf | None = None,
 ) -> MultiframeFit:
     """Fit flux and position of every source on all `frames` at once (APEX multiframe).
 
     `ra`, `dec` (degrees) and `flux_ujy` are the starting values (e.g. the mosaic PRF fit);
     `fwhm_arcsec` is the PSF's (not the mosaic's: no resampling broadening), the model a
-    pixel-integrated Gaussian in each frame's pixels through the frame's full WCS, on the
+    pixel-integrated Gaussian of it (or `psf`, e.g. the diffraction pattern the mosaic's
+    extraction chose) in each frame's pixels through the frame's full WCS, on the
     pixels within `half_size_fwhm` FWHM of each source. Pixels with `fatal_bits` or
     non-finite values are ignored; once the model has converged (third iteration) pixels
     deviating by more than `clip_sigma` times the residuals' robust sigma (at least the stated
@@ -146,7 +148,7 @@ def refine_on_frames(
     east = np.zeros(n)
     north = np.zeros(n)
     flux = np.where(np.isfinite(f0) & (f0 > 0), f0, 0.0)
-    sigma_arcsec = sigma_from_fwhm(fwhm_arcsec)
+    sky_psf = psf if psf is not None else SkyPsf(fwhm_arcsec)
     clip: list[np.ndarray | None] = [None] * nf
     cov_diag = np.full(3 * n, np.nan)
     n_frames = np.zeros(n, np.int32)
@@ -154,7 +156,7 @@ def refine_on_frames(
     for it in range(iterations):
         cur_ra, cur_dec = _shift(ra0, dec0, east, north)
         build = functools.partial(_linear_system, geoms, cur_ra, cur_dec, flux,
-                                  sigma_arcsec=sigma_arcsec, half_size_fwhm=half_size_fwhm,
+                                  psf=sky_psf, half_size_fwhm=half_size_fwhm,
                                   fwhm_arcsec=fwhm_arcsec)
         system = build(clip=clip)
         if system is not None and it == min(2, iterations - 1):
@@ -235,7 +237,7 @@ def _linear_system(
     dec: np.ndarray,
     flux: np.ndarray,
     *,
-    sigma_arcsec: float,
+    psf: SkyPsf,
     half_size_fwhm: float,
     fwhm_arcsec: float,
     clip: list[np.ndarray | None],
@@ -276,16 +278,13 @@ def _linear_system(
         dxdn, dydn = (xn - x) / step_as, (yn - y) / step_as
         area = np.abs(dxde * dydn - dxdn * dyde)  # pixels per arcsec^2
         pix = 1.0 / np.sqrt(area)  # local pixel side, arcsec
-        sigma_px = sigma_arcsec / pix
         to_sb = area / _UJY_PER_MJYSR_ARCSEC2  # uJy in one pixel -> MJy/sr
         off = np.arange(-h, h + 1)
         px = np.round(x).astype(np.int64)[:, None] + off
         py = np.round(y).astype(np.int64)[:, None] + off
-        gx, dgx = pixel_integrated_gaussian_1d(px - x[:, None], sigma_px[:, None])
-        gy, dgy = pixel_integrated_gaussian_1d(py - y[:, None], sigma_px[:, None])
-        prof = gy[:, :, None] * gx[:, None, :] * to_sb[:, None, None]
-        dpx = gy[:, :, None] * dgx[:, None, :] * to_sb[:, None, None]  # d/dx of the centre
-        dpy = dgy[:, :, None] * gx[:, None, :] * to_sb[:, None, None]
+        # The PSF and its derivatives in the centre's x and y, in MJy/sr per uJy.
+        prof, dpx, dpy = (v * to_sb[:, None, None] for v in
+                          psf.stamps(x, y, px[:, 0], py[:, 0], off.size, pix))
         inside = ((py >= 0) & (py < ny))[:, :, None] & ((px >= 0) & (px < nx))[:, None, :]
         pidx = np.clip(py, 0, ny - 1)[:, :, None] * nx + np.clip(px, 0, nx - 1)[:, None, :]
         good = inside & (g.weight[pidx] > 0)
@@ -379,9 +378,11 @@ def refine_source_table(table: Table, frames: Sequence[BCDFrame], header: fits.H
     frame_pix = wcs_pixel_scale_arcsec(frames[0].wcs)
     fwhm = frames_psf_fwhm(float(out.meta.get("FWHM", 0.0)), band,
                            frame_pixel_arcsec=frame_pix, mosaic_pixel_arcsec=mosaic_pix)
+    psf = SkyPsf.from_table_meta(out.meta, fwhm).on_frames(frame_pixel_arcsec=frame_pix,
+                                                           fwhm_arcsec=fwhm)
     fit = refine_on_frames(np.asarray(out["RA"], float), np.asarray(out["Dec"], float),
                            np.asarray(out["flux"], float), frames, fwhm_arcsec=fwhm,
-                           fatal_bits=fatal_bits)
+                           fatal_bits=fatal_bits, psf=psf)
     ok = fit.converged
     x, y = wcs.all_world2pix(fit.ra, fit.dec, 0)
     cols = {

@@ -1,4 +1,8 @@
-"""PRF fitting: pixel-integrated Gaussian point-response model, fitted jointly to all sources.
+"""PRF fitting: a point-response model fitted jointly to all sources.
+
+The model is a pixel-integrated Gaussian (separable, evaluated exactly) or a `TabulatedPrf`
+(an oversampled grid of the pixel-integrated PSF, e.g. a diffraction pattern with its rings,
+interpolated with a cubic convolution kernel).
 
 Every source has three free parameters (flux, x, y). Sources whose fitting stamps share pixels
 form a group (a blend) whose parameters are solved together; the normal matrix is block diagonal
@@ -29,7 +33,7 @@ def sigma_from_fwhm(fwhm: float) -> float:
 
 
 def pixel_integrated_gaussian_1d(
-    offset_px: np.ndarray, sigma_px: float
+    offset_px: np.ndarray, sigma_px: float | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fraction of a unit 1-D Gaussian falling in the pixel whose centre is `offset_px` from the
     Gaussian centre, and its derivative with respect to the Gaussian centre."""
@@ -47,6 +51,114 @@ def psf_stamp(x0: float, y0: float, *, sigma_px: float, half_size: int) -> np.nd
     gx, _ = pixel_integrated_gaussian_1d(np.round(x0) + off - x0, sigma_px)
     gy, _ = pixel_integrated_gaussian_1d(np.round(y0) + off - y0, sigma_px)
     return gy[:, None] * gx[None, :]
+
+
+def _keys_weights(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cubic convolution (Keys, a = -0.5) weights of the samples at -1, 0, 1, 2 for the
+    fractional positions `t` in [0, 1), and their derivatives in t; shapes (..., 4)."""
+    t2 = t * t
+    t3 = t2 * t
+    w = np.stack([(-t3 + 2 * t2 - t) / 2, (3 * t3 - 5 * t2 + 2) / 2,
+                  (-3 * t3 + 4 * t2 + t) / 2, (t3 - t2) / 2], axis=-1)
+    dw = np.stack([(-3 * t2 + 4 * t - 1) / 2, (9 * t2 - 10 * t) / 2,
+                   (-9 * t2 + 8 * t + 1) / 2, (3 * t2 - 2 * t) / 2], axis=-1)
+    return w, dw
+
+
+class TabulatedPrf:
+    """A point-response function tabulated on an oversampled grid.
+
+    `grid[i, j]` is the fraction of a unit point source's total flux falling in a pixel whose
+    centre lies at ((j - c) / oversample, (i - c) / oversample) pixels from the source, c the
+    grid's central index (the PSF already integrated over the pixel, as SSC's PRF files and
+    DAOPHOT's ePSF). The sum over any integer lattice of offsets is the flux fraction within
+    the grid's extent. Between samples the PRF is interpolated with the cubic convolution kernel
+    (continuous first derivatives, exact for quadratics); outside the grid it is 0.
+    `name` and `params` say what the PRF is (for headers and logs).
+    """
+
+    def __init__(self, grid: np.ndarray, *, oversample: int, name: str,
+                 params: dict[str, float] | None = None) -> None:
+        g = np.asarray(grid, dtype=float)
+        if g.ndim != 2 or g.shape[0] != g.shape[1] or g.shape[0] % 2 == 0:
+            raise ValueError(f"PRF grid must be square with an odd side, got {g.shape}")
+        if oversample < 1:
+            raise ValueError(f"oversample must be >= 1, got {oversample}")
+        self.oversample = int(oversample)
+        self.name = name
+        self.params = dict(params or {})
+        # Two zero samples on every side: the interpolation's taps past the edge read 0.
+        self._grid = np.pad(g, 2)
+        self._centre = (g.shape[0] - 1) // 2 + 2
+        self.radius_px = ((g.shape[0] - 1) // 2) / self.oversample
+        self.fwhm_px = self._fwhm()
+
+    def _fwhm(self) -> float:
+        """Full width at half maximum of the PRF's azimuthal mean (pixels)."""
+        g = self._grid
+        k = self.oversample
+        iy, ix = np.indices(g.shape)
+        r = np.hypot(iy - self._centre, ix - self._centre)
+        rbin = np.round(r).astype(int)
+        mean = np.bincount(rbin.ravel(), g.ravel()) / np.maximum(np.bincount(rbin.ravel()), 1)
+        half = 0.5 * mean[0]
+        below = np.flatnonzero(mean < half)
+        if below.size == 0:
+            return 2.0 * self.radius_px
+        j = int(below[0])
+        frac = (mean[j - 1] - half) / max(mean[j - 1] - mean[j], 1e-300)
+        return 2.0 * (j - 1 + frac) / k
+
+    def values(self, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+        """The PRF at pixel offsets (dx, dy) from the source (broadcast arrays)."""
+        dx, dy = np.broadcast_arrays(np.asarray(dx, dtype=float), np.asarray(dy, dtype=float))
+        k = self.oversample
+        tx = self._centre + k * dx.ravel()
+        ty = self._centre + k * dy.ravel()
+        bx, by = np.floor(tx), np.floor(ty)
+        wx, _ = _keys_weights(tx - bx)
+        wy, _ = _keys_weights(ty - by)
+        last = self._grid.shape[0] - 1
+        taps = np.arange(-1, 3)
+        cols = np.clip(bx.astype(np.int64)[:, None] + taps, 0, last)
+        rows = np.clip(by.astype(np.int64)[:, None] + taps, 0, last)
+        g = self._grid[rows[:, :, None], cols[:, None, :]]  # (m, 4, 4)
+        return np.einsum("mlk,ml,mk->m", g, wy, wx).reshape(dx.shape)
+
+    def stamps(
+        self, first_dx: np.ndarray, first_dy: np.ndarray, size: int,
+        mask_x: np.ndarray, mask_y: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The PRF on n square stamps of `size` pixels, and its derivatives with respect to the
+        source position, each (n, size * size). The first stamp pixel lies at (first_dx,
+        first_dy) (n,) from the source; `mask_x`, `mask_y` (n, size) zero the columns and rows
+        outside the image. One gather of the 4 x 4 interpolation taps of every stamp pixel:
+        within a stamp every pixel has the same sub-pixel phase, so the taps' weights are one
+        set per source."""
+        n = first_dx.size
+        k = self.oversample
+        tx = self._centre + k * np.asarray(first_dx, dtype=float)
+        ty = self._centre + k * np.asarray(first_dy, dtype=float)
+        bx, by = np.floor(tx), np.floor(ty)
+        wx, dwx = _keys_weights(tx - bx)
+        wy, dwy = _keys_weights(ty - by)
+        last = self._grid.shape[0] - 1
+        steps = k * np.arange(size)
+        taps = np.arange(-1, 3)
+        cols = np.clip(bx.astype(np.int64)[:, None, None] + taps[None, :, None]
+                       + steps[None, None, :], 0, last)  # (n, 4, size)
+        rows = np.clip(by.astype(np.int64)[:, None, None] + taps[None, :, None]
+                       + steps[None, None, :], 0, last)
+        g = self._grid[rows[:, :, :, None, None], cols[:, None, None, :, :]]  # (n,4,s,4,s)
+        along_x = np.einsum("nlamb,nm->nlab", g, wx)
+        dalong_x = np.einsum("nlamb,nm->nlab", g, dwx)
+        prof = np.einsum("nlab,nl->nab", along_x, wy)
+        # The pixel offset is (pixel - source): d/d(source x) = -oversample d/dt.
+        dprof_dx = -k * np.einsum("nlab,nl->nab", dalong_x, wy)
+        dprof_dy = -k * np.einsum("nlab,nl->nab", along_x, dwy)
+        mask = mask_y[:, :, None] * mask_x[:, None, :]
+        return ((prof * mask).reshape(n, -1), (dprof_dx * mask).reshape(n, -1),
+                (dprof_dy * mask).reshape(n, -1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +203,11 @@ def fit_point_sources(
     tol_chi2: float = 0.01,
     max_shift_px: float | None = None,
     free: np.ndarray | None = None,
+    prf: TabulatedPrf | None = None,
 ) -> PrfFit:
-    """Fit flux and position of every source jointly with a pixel-integrated Gaussian PRF.
+    """Fit flux and position of every source jointly with a pixel-integrated Gaussian PRF of
+    `fwhm_px` (or the tabulated `prf`, whose fwhm_px should then be passed as `fwhm_px`: it
+    sets the default stamp and the position limits).
 
     `image` is background-subtracted (any surface-brightness unit), `weight` is 1/sigma^2 of each
     pixel (0 for pixels to ignore). Starting values `x0, y0` (0-based pixels) and `flux0` (image
@@ -115,7 +230,7 @@ def fit_point_sources(
     y = np.asarray(y0, dtype=float).copy()
     flux = np.asarray(flux0, dtype=float).copy()
     n = x.size
-    sigma = sigma_from_fwhm(fwhm_px)
+    shape: float | TabulatedPrf = sigma_from_fwhm(fwhm_px) if prf is None else prf
     h = int(half_size if half_size is not None else max(2, math.ceil(1.5 * fwhm_px)))
     shift_max = 0.75 * fwhm_px if max_shift_px is None else max_shift_px
     if n == 0:
@@ -138,12 +253,12 @@ def fit_point_sources(
             # Groups share no weighted pixel: the still-moving ones are a problem of their own.
             sub = st.subset(todo)
         moving, k = _iterate_groups(
-            sub, x, y, flux, lam, todo, xs0=xs0, ys0=ys0, sigma=sigma, shift_max=shift_max,
+            sub, x, y, flux, lam, todo, xs0=xs0, ys0=ys0, shape=shape, shift_max=shift_max,
             tol_px=tol_px, tol_sigma=tol_sigma, tol_chi2=tol_chi2, max_iter=max_iter - iters,
         )
         iters += k
         todo = todo[moving]
-    prof, dpx, dpy = st.profiles(x, y, sigma)
+    prof, dpx, dpy = st.profiles(x, y, shape)
     total = st.total(flux, prof)
 
     # Covariance from the undamped normal matrix at the solution.
@@ -182,7 +297,7 @@ def _iterate_groups(
     *,
     xs0: np.ndarray,
     ys0: np.ndarray,
-    sigma: float,
+    shape: float | TabulatedPrf,
     shift_max: float,
     tol_px: float,
     tol_sigma: float,
@@ -204,7 +319,7 @@ def _iterate_groups(
     x0s, y0s = xs0[src], ys0[src]
     lam_g = np.zeros(ng)
     lam_g[st.group] = lam[src]
-    prof, dpx, dpy = st.profiles(xs, ys, sigma)
+    prof, dpx, dpy = st.profiles(xs, ys, shape)
     total = st.total(fs, prof)
     chi2_g = st.group_chi2(total)
     active = np.ones(ng, dtype=bool)
@@ -226,7 +341,7 @@ def _iterate_groups(
             extra = lam_g[st.group, None] * diag_safe + (diag <= 0) * 1.0
             step = blocks.solve(hd, hp, extra, grad[:, :, None])[:, :, 0]
             xn, yn, fn = _trial(xs, ys, fs, step, pending[st.group], x0s, y0s, shift_max)
-            pn, dxn, dyn = st.profiles(xn, yn, sigma)
+            pn, dxn, dyn = st.profiles(xn, yn, shape)
             cn = st.group_chi2(st.total(fn, pn))
             ok = pending & (cn <= chi2_g * (1 + 1e-12))
             if np.any(ok):
@@ -513,11 +628,19 @@ class _Stamps:
         return self._blocks
 
     def profiles(
-        self, xs: np.ndarray, ys: np.ndarray, sigma: float, *, with_sigma: bool = False
+        self, xs: np.ndarray, ys: np.ndarray, shape: float | TabulatedPrf, *,
+        with_sigma: bool = False,
     ) -> tuple[np.ndarray, ...]:
-        """Unit-flux PRF on every stamp pixel and its derivatives in x and y (and sigma)."""
+        """Unit-flux PRF on every stamp pixel and its derivatives in x and y (and in sigma):
+        `shape` is the Gaussian's sigma (pixels) or a tabulated PRF (no sigma derivative)."""
         n = xs.size
         size = self.px.shape[1]
+        if isinstance(shape, TabulatedPrf):
+            if with_sigma:
+                raise ValueError("a tabulated PRF has no width parameter")
+            return shape.stamps(self.px[:, 0] - xs, self.py[:, 0] - ys, size,
+                                self.inx_f, self.iny_f)
+        sigma = shape
         # x and y profiles in one evaluation; the in-image masks (0/1) on the 1-D factors.
         g, dg = _stamp_profile_1d(np.concatenate([self.px[:, 0] - xs, self.py[:, 0] - ys]),
                                   size, sigma)

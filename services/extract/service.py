@@ -95,6 +95,9 @@ class ExtractService(Service):
             band_name=band,
             detect_sigma=self.config.detect_sigma,
         )
+        ctx.log.info("prf_model", band=band, key=ref.key, **{
+            k.lower(): table.meta[k] for k in ("PRFMODEL", "FWHM", "PRFLAMD", "PRFOBSC", "PRFBLUR",
+                                               "PRFDCHI2", "APCORR") if k in table.meta})
         frames_cache: dict[str, list[BCDFrame]] = {}
         table = await self._multiframe(table, ref, header, band, ctx, frames_cache)
         stem = re.sub(r"_maic\.fits$", "", ref.key.rsplit("/", 1)[-1], flags=re.IGNORECASE)

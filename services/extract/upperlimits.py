@@ -9,7 +9,7 @@ import numpy as np
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from services.extract.prf import pixel_integrated_gaussian_1d, sigma_from_fwhm
+from services.extract.prfmodel import SkyPsf
 from shared.bcd import BCDFrame
 from shared.instruments import mips
 
@@ -47,6 +47,7 @@ def forced_upper_limits(
     half_size_fwhm: float = 2.5,
     min_psf_fraction: float = 0.6,
     neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+    psf: SkyPsf | None = None,
 ) -> Table:
     """Forced PSF-weighted photometry at (ra, dec) (degrees) on every BCD frame covering it.
 
@@ -55,7 +56,8 @@ def forced_upper_limits(
     for the target's or for the local sky (prior-based deblending, as 70 um photometry on 24 um
     positions does). Without it each target is fitted alone.
 
-    In each frame the pixel-integrated Gaussian PSF of `fwhm_arcsec` is placed at the position
+    In each frame the PSF (`psf`: the extraction's, e.g. the diffraction pattern it chose;
+    default the pixel-integrated Gaussian of `fwhm_arcsec`) is placed at the position
     (full TAN-SIP WCS) and its amplitude fitted by weighted least squares (weights 1/unc^2,
     pixels with any `fatal_bits` or non-finite values ignored), together with a constant local
     background when `fit_background` (BCDs are not sky-subtracted), on the pixels within
@@ -75,6 +77,7 @@ def forced_upper_limits(
                               f"{dec_a.shape}")
     if not fwhm_arcsec or fwhm_arcsec <= 0:
         raise UpperLimitError(f"fwhm_arcsec must be > 0, got {fwhm_arcsec}")
+    sky_psf = psf if psf is not None else SkyPsf(fwhm_arcsec)
     n = ra_a.size
     sum_w = np.zeros(n)
     sum_wf = np.zeros(n)
@@ -92,12 +95,12 @@ def forced_upper_limits(
     for frame in frames:
         if neighbours is not None:
             _accumulate_frame_joint(frame, ra_fit, dec_fit, n, sum_w, sum_wf, n_used,
-                                    fwhm_arcsec=fwhm_arcsec, fatal_bits=fatal_bits,
-                                    half_size_fwhm=half_size_fwhm,
+                                    fwhm_arcsec=fwhm_arcsec, psf=sky_psf,
+                                    fatal_bits=fatal_bits, half_size_fwhm=half_size_fwhm,
                                     min_psf_fraction=min_psf_fraction)
             continue
         _accumulate_frame(frame, ra_a, dec_a, sum_w, sum_wf, n_used, fwhm_arcsec=fwhm_arcsec,
-                          fatal_bits=fatal_bits, fit_background=fit_background,
+                          psf=sky_psf, fatal_bits=fatal_bits, fit_background=fit_background,
                           half_size_fwhm=half_size_fwhm, min_psf_fraction=min_psf_fraction)
     with np.errstate(divide="ignore", invalid="ignore"):
         flux = np.where(sum_w > 0, sum_wf / sum_w, np.nan)
@@ -117,7 +120,8 @@ def forced_upper_limits(
     t["ulim"] = ulim
     t["ulim"].unit = "uJy"
     t["n_frames"] = n_used
-    t.meta.update({"ULCONV": UPPER_LIMIT_CONVENTION, "NSIGMA": nsigma, "FWHM": fwhm_arcsec})
+    t.meta.update({"ULCONV": UPPER_LIMIT_CONVENTION, "NSIGMA": nsigma, "FWHM": fwhm_arcsec,
+                   "PRFMODEL": "Gaussian" if sky_psf.is_gaussian else "obscured Airy"})
     return t
 
 
@@ -139,6 +143,7 @@ def _accumulate_frame(
     n_used: np.ndarray,
     *,
     fwhm_arcsec: float,
+    psf: SkyPsf,
     fatal_bits: int,
     fit_background: bool,
     half_size_fwhm: float,
@@ -159,16 +164,14 @@ def _accumulate_frame(
     x, y = x[idx], y[idx]
     area = _frame_pixel_area_arcsec2(wcs, x, y)
     pix = np.sqrt(area)
-    sigma_px = sigma_from_fwhm(fwhm_arcsec) / pix  # (k,)
     h = max(2, math.ceil(half_size_fwhm * fwhm_arcsec / float(np.min(pix))))
     off = np.arange(-h, h + 1)
     cx = np.round(x).astype(np.int64)
     cy = np.round(y).astype(np.int64)
     px = cx[:, None] + off
     py = cy[:, None] + off
-    gx, _ = pixel_integrated_gaussian_1d(px - x[:, None], sigma_px[:, None])
-    gy, _ = pixel_integrated_gaussian_1d(py - y[:, None], sigma_px[:, None])
-    prof = gy[:, :, None] * gx[:, None, :]  # (k, s, s): fraction of the flux in each pixel
+    # (k, s, s): fraction of the flux in each pixel
+    prof = psf.stamps(x, y, px[:, 0], py[:, 0], off.size, pix)[0]
     inx = (px >= 0) & (px < nx)
     iny = (py >= 0) & (py < ny)
     ok = iny[:, :, None] & inx[:, None, :]
@@ -215,6 +218,7 @@ def _accumulate_frame_joint(
     n_used: np.ndarray,
     *,
     fwhm_arcsec: float,
+    psf: SkyPsf,
     fatal_bits: int,
     half_size_fwhm: float,
     min_psf_fraction: float,
@@ -237,13 +241,10 @@ def _accumulate_frame_joint(
     if not np.any(src < n_targets):
         return
     x, y = x[src], y[src]
-    sigma_px = sigma_from_fwhm(fwhm_arcsec) / pix
     off = np.arange(-h, h + 1)
     px = np.round(x).astype(np.int64)[:, None] + off
     py = np.round(y).astype(np.int64)[:, None] + off
-    gx, _ = pixel_integrated_gaussian_1d(px - x[:, None], sigma_px)
-    gy, _ = pixel_integrated_gaussian_1d(py - y[:, None], sigma_px)
-    prof = gy[:, :, None] * gx[:, None, :]
+    prof = psf.stamps(x, y, px[:, 0], py[:, 0], off.size, np.full(x.size, pix))[0]
     inside = ((py >= 0) & (py < ny))[:, :, None] & ((px >= 0) & (px < nx))[:, None, :]
     pix_index = (np.clip(py, 0, ny - 1)[:, :, None] * nx + np.clip(px, 0, nx - 1)[:, None, :])
     good_pix = frame.usable_pixels(fatal_bits).ravel()

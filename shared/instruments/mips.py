@@ -16,6 +16,9 @@ import numpy as np
 
 TELESCOP = "Spitzer"
 INSTRUME = "MIPS"
+#: Spitzer's primary mirror diameter (m): lambda/D at 23.68 um is 5.75", and the Airy core's
+#: FWHM (~1.03 lambda/D) the handbook's 5.9".
+TELESCOPE_DIAMETER_M = 0.85
 
 #: Seconds per 24 um sample (one "read" of the Si:As array).
 SI_SAMPLE_S = 0.524288
@@ -53,6 +56,11 @@ class MipsBand:
     def ujy_per_mjysr_mosaic_pixel(self) -> float:
         """uJy in one default mosaic pixel for a surface brightness of 1 MJy/sr (seed 001)."""
         return 1e12 * SR_PER_ARCSEC2 * self.mosaic_pixel_arcsec**2
+
+    @property
+    def lambda_over_d_arcsec(self) -> float:
+        """The diffraction scale lambda / D of this band (arcsec)."""
+        return self.wavelength_um * 1e-6 / TELESCOPE_DIAMETER_M * 206264.806
 
     def ujy_per_mjysr(self, pixel_arcsec: float) -> float:
         """uJy in one pixel of side `pixel_arcsec` for 1 MJy/sr."""

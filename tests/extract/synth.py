@@ -167,10 +167,13 @@ def make_bcd_frames(
     background_mjysr: float = 15.0,
     seed: int = 2,
     bad_pixel_fraction: float = 0.01,
+    airy_obscuration: float | None = None,
 ) -> list[BCDFrame]:
     """BCD frames of a MIPS channel (TAN-SIP WCS from `mips.wcs_keywords`) dithered around
     (ra0, dec0), each with the injected sources, a background, Gaussian noise and a few
-    fatal-flagged pixels (PMASK) holding garbage."""
+    fatal-flagged pixels (PMASK) holding garbage. Sources are Gaussians of the band's FWHM, or
+    with `airy_obscuration` the obscured Airy pattern of the 85 cm mirror at the band's
+    wavelength."""
     rng = np.random.default_rng(seed)
     band = mips.BANDS[channel]
     shape = (band.nrows, band.ncols)
@@ -195,8 +198,15 @@ def make_bcd_frames(
         w = WCS(h, relax=True)
         x, y = w.all_world2pix(ra, dec, 0)
         # The SIP distortion changes the pixel solid angle only at the 1e-4 level here.
-        src = render_sources(shape, np.asarray(x), np.asarray(y), flux_ujy / ujy_pix_nominal,
-                             sigma_px=sigma_px, half_size=math.ceil(6 * sigma_px))
+        if airy_obscuration is None:
+            src = render_sources(shape, np.asarray(x), np.asarray(y),
+                                 flux_ujy / ujy_pix_nominal, sigma_px=sigma_px,
+                                 half_size=math.ceil(6 * sigma_px))
+        else:
+            src = render_airy_sources(
+                shape, np.asarray(x), np.asarray(y), flux_ujy / ujy_pix_nominal,
+                lambda_over_d_px=band.lambda_over_d_arcsec / band.pixel_arcsec,
+                obscuration=airy_obscuration, half_size=20, subsample=5)
         unc = np.full(shape, unc_mjysr)
         data = background_mjysr + src + rng.normal(size=shape) * unc
         mask = np.zeros(shape, dtype=np.int32)
@@ -209,3 +219,38 @@ def make_bcd_frames(
         frames.append(BCDFrame(data=data.astype(np.float32), unc=unc.astype(np.float32),
                                mask=mask, header=h))
     return frames
+
+
+def airy_intensity(r_over_lambda_d: np.ndarray, obscuration: float) -> np.ndarray:
+    """Unit-power obscured Airy pattern per (lambda/D)^2 at radius r (in lambda/D), written out
+    from the textbook formula (independent of services.extract.prfmodel, which it checks)."""
+    from scipy.special import j1
+
+    x = np.pi * np.maximum(r_over_lambda_d, 1e-12)
+    e = obscuration
+    amp = 2 * j1(x) / x
+    if e > 0:
+        amp = (amp - e * e * 2 * j1(e * x) / (e * x)) / (1 - e * e)
+    return (np.pi / 4) * (1 - e * e) * amp**2
+
+
+def render_airy_sources(shape: tuple[int, int], x: np.ndarray, y: np.ndarray,
+                        flux_pix: np.ndarray, *, lambda_over_d_px: float, obscuration: float,
+                        half_size: int, subsample: int = 7) -> np.ndarray:
+    """Sum of obscured Airy patterns integrated over the pixels (midpoint rule on
+    `subsample`^2 points per pixel), flux in image unit x pixel, out to `half_size` pixels."""
+    ny, nx = shape
+    off = np.arange(-half_size, half_size + 1)
+    sub = (np.arange(subsample) + 0.5) / subsample - 0.5
+    out = np.zeros(ny * nx)
+    for xi, yi, fi in zip(x, y, flux_pix, strict=True):  # test helper: tens of sources
+        px = round(xi) + off
+        py = round(yi) + off
+        dx = (px[None, :, None, None] + sub[None, None, None, :] - xi)
+        dy = (py[:, None, None, None] + sub[None, None, :, None] - yi)
+        r = np.hypot(dx, dy) / lambda_over_d_px
+        stamp = airy_intensity(r, obscuration).mean(axis=(2, 3)) / lambda_over_d_px**2
+        yy, xx = np.meshgrid(py, px, indexing="ij")
+        ok = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+        np.add.at(out, yy[ok] * nx + xx[ok], fi * stamp[ok])
+    return out.reshape(ny, nx)

@@ -101,6 +101,31 @@ def test_exact_and_subsampled_pixel_integration_agree() -> None:
     assert a.sum() == pytest.approx(b.sum(), rel=1e-6)
 
 
+def test_airy_psf_renders_the_diffraction_pattern() -> None:
+    """With `airy_obscuration` a source is the obscured Airy pattern of the 85 cm mirror:
+    on the 2.45" grid its flux within 10 lambda/D (what is drawn) is the analytic encircled
+    energy there (1%), its FWHM ~1.0 lambda/D (5.8" at 24 um) and the first ring shows."""
+    from scipy.special import j0, j1
+
+    sky = _one(_sky(5), 0)
+    n = 121
+    w = _tan_grid(2.45, n)
+    img = skymod.render(sky, 1, w, (n, n), include_background=False, airy_obscuration=0.0)
+    flux = img.sum() * mips.BANDS[1].ujy_per_mjysr_mosaic_pixel
+    truth = float(sky.sources["flux_24_ujy"][0])
+    v = np.pi * 10.0  # unobscured EE(10 lambda/D) = 1 - J0^2 - J1^2: 0.980
+    assert flux / truth == pytest.approx(1 - j0(v) ** 2 - j1(v) ** 2, rel=0.01)
+    x, y = (float(c[0]) for c in w.all_world2pix(sky.sources["ra"], sky.sources["dec"], 0))
+    yy, xx = np.indices(img.shape)
+    r = np.hypot(xx - x, yy - y) * 2.45  # arcsec
+    lod = mips.BANDS[1].lambda_over_d_arcsec
+    half = img.max() / 2
+    assert 0.9 * lod < 2 * r[img > half].max() < 1.25 * lod  # the FWHM, to the pixels' grain
+    dark = img[(r > 1.1 * lod) & (r < 1.35 * lod)].mean()
+    ring = img[(r > 1.5 * lod) & (r < 1.8 * lod)].mean()
+    assert ring > 1.2 * dark  # a ring beyond the first dark one (a Gaussian only falls)
+
+
 def test_background_is_a_linear_gradient() -> None:
     sky = _sky(1)
     level, ge, gn = sky.background[1]
