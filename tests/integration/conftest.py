@@ -57,17 +57,24 @@ def run_pipeline(inputs: Path, data: Path, out: Path, *, workers: int = 2) -> Ru
     return asyncio.run(go())
 
 
-@pytest.fixture(scope="session")
-def mips_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineRun]:
+def run_simulated_aor(cfg: object, root: Path) -> PipelineRun:
+    """Simulate the MIPS AOR `cfg` (a simulator.mips.MipsAORConfig), write its telemetry and
+    calibration files under `root`/inputs and run the whole pipeline on them."""
     from simulator import mips
 
-    root = tmp_path_factory.mktemp("mips_run")
+    assert isinstance(cfg, mips.MipsAORConfig)
     inputs = root / "inputs"
     inputs.mkdir()
-    cfg = mips.MipsAORConfig()
     sim = mips.simulate_aor(cfg)
     (inputs / f"mips_aor_{cfg.aorkey}.tlm").write_bytes(sim.telemetry)
     for hdul in sim.calibration:
         hdul.writeto(inputs / str(hdul[0].header["FILENAME"]))
     watch = run_pipeline(inputs, root / "data", root / "products")
-    yield PipelineRun(watch, root / "data" / "store", root / "products", inputs, sim)
+    return PipelineRun(watch, root / "data" / "store", root / "products", inputs, sim)
+
+
+@pytest.fixture(scope="session")
+def mips_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineRun]:
+    from simulator import mips
+
+    yield run_simulated_aor(mips.MipsAORConfig(), tmp_path_factory.mktemp("mips_run"))

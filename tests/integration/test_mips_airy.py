@@ -15,7 +15,7 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 
 from shared.instruments import mips
-from tests.integration.conftest import PipelineRun, run_pipeline
+from tests.integration.conftest import PipelineRun, run_simulated_aor
 
 BANDS = {1: "24um", 2: "70um"}
 FLUX_COL = {1: "flux_24_ujy", 2: "flux_70_ujy"}
@@ -25,18 +25,10 @@ FLUX_COL = {1: "flux_24_ujy", 2: "flux_70_ujy"}
 def airy_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineRun]:
     from simulator import mips as sim_mips
 
-    root = tmp_path_factory.mktemp("mips_airy")
-    inputs = root / "inputs"
-    inputs.mkdir()
     # The small AOR (one raster position, 6 DCEs per band) with a denser, brighter sky.
     cfg = sim_mips.MipsAORConfig.small(psf="airy", n_sources=60, flux_24_min_ujy=400.0,
                                        sky_half_arcsec=140.0, seed=777)
-    sim = sim_mips.simulate_aor(cfg)
-    (inputs / f"mips_aor_{cfg.aorkey}.tlm").write_bytes(sim.telemetry)
-    for hdul in sim.calibration:
-        hdul.writeto(inputs / str(hdul[0].header["FILENAME"]))
-    watch = run_pipeline(inputs, root / "data", root / "products")
-    yield PipelineRun(watch, root / "data" / "store", root / "products", inputs, sim)
+    yield run_simulated_aor(cfg, tmp_path_factory.mktemp("mips_airy"))
 
 
 def _table(run: PipelineRun, product_type: str, channel: int | None = None) -> Table:
