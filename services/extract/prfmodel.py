@@ -157,16 +157,17 @@ def choose_prf(
     if cand.size < min_sources:
         return PrfChoice(None, int(cand.size), reason=f"fewer than {min_sources} bright "
                          f"sources (S/N >= {min_snr:g}) to compare PSF models on")
-    def chi2_of(prf: TabulatedPrf | None, fwhm: float, compared: np.ndarray) -> tuple[
-        np.ndarray, np.ndarray, np.ndarray
-    ]:
+    def chi2_of(prf: TabulatedPrf | None, fwhm: float, compared: np.ndarray, *,
+                neighbours: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each compared source's chi^2, degrees of freedom and S/N under one model. The
-        detections near them are fitted too, but the ring-like ones are masked."""
+        detections near them are fitted too, but the ring-like ones are masked (all of them,
+        without `neighbours`)."""
         d_near = cKDTree(pos[compared]).query(pos, distance_upper_bound=2.0 * h)[0]
         near = np.isfinite(d_near)
         near[compared] = False
-        w = _mask_discs(weight, x[near & ring_like], y[near & ring_like], 1.2 * fwhm_px)
-        fitted = np.concatenate([compared, np.flatnonzero(near & ~ring_like)])
+        masked = near & ring_like if neighbours else near
+        w = _mask_discs(weight, x[masked], y[masked], 1.2 * fwhm_px)
+        fitted = np.concatenate([compared, np.flatnonzero(near & ~masked)])
         k = compared.size  # the compared sources come first
         fit = fit_point_sources(image, w, x0=x[fitted], y0=y[fitted], flux0=flux[fitted],
                                 fwhm_px=fwhm, half_size=h, prf=prf, max_iter=10)
@@ -179,12 +180,18 @@ def choose_prf(
         snr_fit = fit.flux[:k] / np.where(fit.flux_err[:k] > 0, fit.flux_err[:k], np.inf)
         return fit.chi2[:k], fit.npix[:k] - 3, snr_fit
 
-    # The Gaussian is first tried on the brightest few: on data it fits (most data), that is
-    # all the choice costs.
-    compared = cand[:QUICK_CHECK_SOURCES]
-    chi2_g, dof_g, snr_fit = chi2_of(None, fwhm_px, compared)
-    m2, c_noise = _mismatch_squared(chi2_g, dof_g, snr_fit)
-    if m2 >= GAUSSIAN_GOOD_ENOUGH**2 and compared.size < cand.size:
+    # The Gaussian is first tried on the brightest few isolated ones (no other detection
+    # brighter than a tenth of them within two stamp half-sizes), alone, with every detection
+    # near them masked: on data it fits (most data), that is all the choice costs.
+    d2 = np.sum(np.square(pos[cand][:, None, :] - pos[None, :, :]), axis=2)
+    rival = (d2 > 0) & (d2 < (2 * h) ** 2) & (flux[None, :] > 0.1 * flux[cand][:, None])
+    quick = cand[~np.any(rival, axis=1)][:QUICK_CHECK_SOURCES]
+    m2 = math.inf
+    if quick.size >= min_sources:
+        compared = quick
+        chi2_g, dof_g, snr_fit = chi2_of(None, fwhm_px, compared, neighbours=False)
+        m2, c_noise = _mismatch_squared(chi2_g, dof_g, snr_fit)
+    if m2 >= GAUSSIAN_GOOD_ENOUGH**2:
         compared = cand
         chi2_g, dof_g, snr_fit = chi2_of(None, fwhm_px, compared)
         m2, c_noise = _mismatch_squared(chi2_g, dof_g, snr_fit)
