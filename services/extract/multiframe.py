@@ -369,9 +369,15 @@ def refine_source_table(table: Table, frames: Sequence[BCDFrame], header: fits.H
     """`extract_sources`'s table with PRF fluxes and positions replaced by the multiframe fit
     on `frames` (the BCDs the mosaic `header` was made from); aperture fluxes stay. Meta gains
     PRFMODE = 'MULTIFRAME', MFFWHM (the PSF FWHM fitted, arcsec), MFCHI2 and MFNCONV (sources
-    refined; the others keep their mosaic values)."""
+    refined; the others keep their mosaic values). The PSF on the frames is the table's
+    (PRFMODEL: the Gaussian or the diffraction pattern); a table fitted with a PRF file is
+    returned unchanged (meta MFSKIP), its BCD-level counterpart being unknown."""
     out = table.copy()
     if len(out) == 0 or not frames:
+        return out
+    if out.meta.get("PRFMODEL", "Gaussian") not in ("Gaussian", "obscured Airy"):
+        # A PRF given as a file is the mosaic's: its counterpart on the BCDs is not known.
+        out.meta["MFSKIP"] = "PRF from a file: no BCD-level PRF"
         return out
     wcs = WCS(fitsio.wcs_cards(header), naxis=2)
     mosaic_pix = wcs_pixel_scale_arcsec(wcs)

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from astropy.io import fits
 from scipy import ndimage
 from scipy.optimize import minimize
 from scipy.spatial import cKDTree
@@ -386,3 +387,80 @@ def _airy_on_pixels(lambda_over_d_px: float, obscuration: float, blur_fwhm_px: f
     """`obscured_airy_prf`, cached (one tabulation serves every frame of a pixel scale)."""
     return obscured_airy_prf(lambda_over_d_px=lambda_over_d_px, obscuration=obscuration,
                              blur_fwhm_px=blur_fwhm_px, radius_px=radius_px)
+
+
+class PrfFileError(ValueError):
+    """A PRF file that cannot be used (what to fix is in the message)."""
+
+
+#: Header keywords naming a PRF file's sampling: samples per pixel, and the pixel (arcsec) the
+#: PRF is integrated over.
+PRF_FILE_KEYWORDS = ("OVERSAMP", "PIXSCALE")
+
+
+def read_prf_file(hdul: fits.HDUList, *, pixel_arcsec: float, name: str = "PRF file"
+                  ) -> TabulatedPrf:
+    """A tabulated PRF from a FITS image (e.g. the SSC's PRF for a mosaic pixel scale).
+
+    The image holds the PRF sampled `OVERSAMP` times per pixel, each sample the fraction of a
+    point source's flux in a pixel of `PIXSCALE` arcsec centred there; the source lies at
+    CRPIX1/2 (1-based, FITS convention; default: the image's centre). The pixel must be the
+    mosaic's (`pixel_arcsec`, to 1%): a PRF integrates over one pixel size. An even sampling,
+    or a centre between samples, is resampled (cubic spline) onto an odd one. The samples are
+    used as fractions of the total flux when their lattice sums lie in 0.5-1.02 (the wings
+    beyond the file's extent then stay out of the model, as they should); otherwise (e.g.
+    peak-normalised) they are scaled to lattice sums of 1, and the name says so.
+    """
+    from scipy.ndimage import map_coordinates
+
+    from shared import fitsio
+
+    try:
+        data, header = fitsio.image_hdu(hdul)
+    except (ValueError, IndexError) as exc:
+        raise PrfFileError(f"{name}: no image HDU ({exc})") from exc
+    grid = np.asarray(data, dtype=float)
+    if grid.ndim != 2 or min(grid.shape) < 5 or not np.all(np.isfinite(grid)):
+        raise PrfFileError(f"{name}: the PRF must be a finite 2-D image, got shape {grid.shape}")
+    missing = [k for k in PRF_FILE_KEYWORDS if k not in header]
+    if missing:
+        raise PrfFileError(f"{name}: set {', '.join(missing)} in its header (OVERSAMP: samples "
+                           "per pixel; PIXSCALE: the pixel in arcsec the PRF integrates over)")
+    k = int(header["OVERSAMP"])
+    pix = float(header["PIXSCALE"])
+    if k < 1 or pix <= 0:
+        raise PrfFileError(f"{name}: OVERSAMP must be >= 1 and PIXSCALE > 0")
+    if abs(pix / pixel_arcsec - 1.0) > 0.01:
+        raise PrfFileError(f"{name}: the PRF is for {pix:g}\" pixels but the mosaic's are "
+                           f"{pixel_arcsec:g}\": use a PRF made for this pixel scale")
+    ny, nx = grid.shape
+    cy = float(header.get("CRPIX2", (ny + 1) / 2.0)) - 1.0  # 0-based sample index
+    cx = float(header.get("CRPIX1", (nx + 1) / 2.0)) - 1.0
+    k_out = k if k % 2 else k + 1
+    half = int(min(cx, cy, nx - 1 - cx, ny - 1 - cy) / k * k_out)  # output samples each side
+    if half < 2 * k_out:
+        raise PrfFileError(f"{name}: the PRF covers less than 2 pixels around its centre")
+    if k_out == k and cx == round(cx) and cy == round(cy):
+        out = grid[round(cy) - half : round(cy) + half + 1, round(cx) - half : round(cx) + half + 1]
+    else:
+        t = np.arange(-half, half + 1) * (k / k_out)
+        yy, xx = np.meshgrid(cy + t, cx + t, indexing="ij")
+        out = map_coordinates(grid, [yy, xx], order=3, mode="constant")
+    total = float(out.sum()) / k_out**2  # a lattice sum: the flux within the file's extent
+    if total <= 0:
+        raise PrfFileError(f"{name}: the PRF's samples sum to {total:g}")
+    if 0.5 <= total <= 1.02:
+        return TabulatedPrf(out, oversample=k_out, name=name)
+    # Not fractions of the total flux (e.g. peak-normalised): the extent holds all the flux.
+    return TabulatedPrf(out / total, oversample=k_out, name=f"{name} (normalised to its extent)")
+
+
+def load_prf_file(path: str, *, pixel_arcsec: float) -> TabulatedPrf:
+    """`read_prf_file` of the FITS file at `path`, named after the file."""
+    import os
+
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            return read_prf_file(hdul, pixel_arcsec=pixel_arcsec, name=os.path.basename(path))
+    except OSError as exc:
+        raise PrfFileError(f"PRF file {path}: cannot be read ({exc})") from exc

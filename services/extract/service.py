@@ -39,6 +39,27 @@ class ExtractConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: mosaic oversamples them (BCD pixel >= 1.8 mosaic pixels, e.g. MIPS 70 um): "auto",
     #: "always" (whenever the frames are known) or "never"
     multiframe: Literal["auto", "always", "never"] = "auto"
+    #: PRF of the point-source fits: "auto" (the Gaussian, unless the telescope's diffraction
+    #: pattern fits the bright sources better) or "gaussian"
+    prf: Literal["auto", "gaussian"] = "auto"
+    #: PRF files by band, used as given: "24um=/data/prf24.fits,70um=/data/prf70.fits" (FITS
+    #: images with OVERSAMP and PIXSCALE in the header, e.g. the SSC's PRFs for the mosaic
+    #: pixel scale)
+    prf_files: str = ""
+
+    def __post_init__(self) -> None:
+        self.prf_file("")  # a malformed list fails at start-up, not on the first mosaic
+
+    def prf_file(self, band: str) -> str | None:
+        """The PRF file configured for `band`, if any."""
+        files: dict[str, str] = {}
+        for item in filter(None, (p.strip() for p in self.prf_files.split(","))):
+            key, sep, path = item.partition("=")
+            if not sep or not key.strip() or not path.strip():
+                raise ValueError(f"prf_files: {item!r} is not band=path "
+                                 "(e.g. 24um=/data/prf24.fits)")
+            files[key.strip()] = path.strip()
+        return files.get(band)
 
 
 def band_name(instrument: str, channel: int) -> str:
@@ -76,7 +97,9 @@ class ExtractService(Service):
         return cache[manifest_key]
 
     async def _post_bcd(self, ref: ProductRef, ctx: Context) -> None:
-        from services.extract.photometry import extract_sources
+        from services.extract.photometry import extract_sources, pixel_scale_arcsec
+        from services.extract.prf import TabulatedPrf
+        from services.extract.prfmodel import load_prf_file
         from services.extract.tables import to_fits_hdulist, to_ipac_bytes
 
         inst, ch, aor = ref.instrument, int(ref.obs.channel or 0), int(ref.obs.aorkey or 0)
@@ -85,6 +108,11 @@ class ExtractService(Service):
         unc = fitsio.image_hdu(await ctx.read_fits(unc_obj.key))[0] if unc_obj else None
         cov = fitsio.image_hdu(await ctx.read_fits(cov_obj.key))[0] if cov_obj else None
         band = band_name(inst, ch)
+        prf_model: str | TabulatedPrf = self.config.prf
+        prf_path = self.config.prf_file(band)
+        if prf_path:
+            prf_model = await ctx.run(load_prf_file, prf_path,
+                                      pixel_arcsec=pixel_scale_arcsec(header))
         table: Table = await ctx.run(
             extract_sources,
             image,
@@ -94,6 +122,7 @@ class ExtractService(Service):
             fwhm_arcsec=None,
             band_name=band,
             detect_sigma=self.config.detect_sigma,
+            prf_model=prf_model,
         )
         ctx.log.info("prf_model", band=band, key=ref.key, **{
             k.lower(): table.meta[k] for k in ("PRFMODEL", "FWHM", "PRFLAMD", "PRFOBSC", "PRFBLUR",
