@@ -473,6 +473,24 @@ def extract_sources(
             bright = fit.flux > 10.0 * fit.flux_err
         wings = wing_image(prf, x=fit.x[bright], y=fit.y[bright], flux=fit.flux[bright],
                            shape=sub.shape, core_half=core)
+        # The rings spread a few per cent of every bright source's flux over tens of
+        # pixels, which the clipped-mode mesh takes for sky: the sky is measured again on
+        # the image minus the sources' models.
+        models = sub - fit.residual + wings
+        bkg, rms = estimate_background(_masked_difference(img, models, valid),
+                                       mask=invalid, box_px=box)
+        sub = _masked_difference(img, bkg, valid)
+        if choice is not None and choice.prf is not None:
+            # The pattern was fitted on the first sky, whose excess dimmed its rings:
+            # its parameters are refined on the new one.
+            refined = choose_prf(
+                sub, weight_cal, x=det.x, y=det.y, flux=det.flux, snr=det.snr,
+                fwhm_px=fwhm_px, refine=choice.prf,
+                lambda_over_d_px=band.lambda_over_d_arcsec / pix_arcsec if band else None)
+            if refined.prf is not None:
+                choice, prf = refined, refined.prf
+                wings = wing_image(prf, x=fit.x[bright], y=fit.y[bright],
+                                   flux=fit.flux[bright], shape=sub.shape, core_half=core)
         data = _masked_difference(sub, wings, valid)
         fit = fit_sources(fit.x, fit.y, fit.flux)
     seg = det.n_in_segment

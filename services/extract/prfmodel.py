@@ -121,6 +121,7 @@ def choose_prf(
     max_sources: int = 20,
     min_sources: int = 3,
     ring_contrast: float = 0.05,
+    refine: TabulatedPrf | None = None,
 ) -> PrfChoice:
     """Gaussian of `fwhm_px` or obscured Airy pattern: the one that fits the bright sources
     better (by `MIN_DELTA_CHI2`).
@@ -137,6 +138,9 @@ def choose_prf(
     the compared sources' chi^2; every flux and position free; the rings beyond the stamps
     subtracted, as the extraction does), starting from `lambda_over_d_px` (the optics' value
     when known, else the FWHM). The returned PRF is tabulated out to 10 lambda/D.
+    `refine`: an Airy PRF chosen before (e.g. on a sky since measured again): its parameters
+    are the start, with a third of the usual first steps, and the Gaussian's quick check is
+    skipped.
     """
     h = max(3, math.ceil(2.2 * fwhm_px))
     ny, nx = image.shape
@@ -188,7 +192,7 @@ def choose_prf(
     rival = (d2 > 0) & (d2 < (2 * h) ** 2) & (flux[None, :] > 0.1 * flux[cand][:, None])
     quick = cand[~np.any(rival, axis=1)][:QUICK_CHECK_SOURCES]
     m2 = math.inf
-    if quick.size >= min_sources:
+    if quick.size >= min_sources and refine is None:
         compared = quick
         chi2_g, dof_g, snr_fit = chi2_of(None, fwhm_px, compared, neighbours=False)
         m2, c_noise = _mismatch_squared(chi2_g, dof_g, snr_fit)
@@ -225,8 +229,15 @@ def choose_prf(
         prf = airy(p, oversample=5)
         return float(np.sum(chi2_of(prf, prf.fwhm_px, compared)[0][use]))
 
-    start = np.array([0.0, 0.3, 0.3 * fwhm_px])
-    simplex = start + np.vstack([np.zeros(3), np.diag([0.1, 0.2, 0.3 * fwhm_px])])
+    steps = np.array([0.1, 0.2, 0.3 * fwhm_px])
+    if refine is not None and "lambda_over_d_px" in refine.params:
+        rp = refine.params
+        start = np.array([math.log(rp["lambda_over_d_px"] / lod0), rp["obscuration"],
+                          rp["blur_fwhm_px"]])
+        steps = steps / 3.0
+    else:
+        start = np.array([0.0, 0.3, 0.3 * fwhm_px])
+    simplex = start + np.vstack([np.zeros(3), np.diag(steps)])
     res = minimize(objective, start, method="Nelder-Mead",
                    options={"initial_simplex": simplex, "xatol": 0.01, "fatol": 1.0,
                             "maxfev": 60})

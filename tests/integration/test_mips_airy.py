@@ -74,10 +74,10 @@ def _spurious(t: Table, truth: Table, fwhm: float) -> tuple[int, int]:
 
 
 def test_24um_fluxes_with_the_diffraction_prf(airy_run: PipelineRun) -> None:
-    """Matched 24 um sources with measured S/N > 50: median PRF flux / true within 3% of 1
-    (the PRF's lambda/D, obscuration and blur are estimated from the ~15 bright sources of
-    this small AOR, and the flux scale follows them: 0.1 px more blur is +1.5%; measured
-    0.973 here, 0.994 on the default AOR), robust scatter <= 3%."""
+    """Matched 24 um sources with measured S/N > 50: median PRF flux / true within 2% of 1
+    (the issue's 24 um tolerance; the PRF's lambda/D, obscuration and blur are estimated from
+    the ~15 bright sources of this small AOR, and the flux scale follows them: 0.1 px more
+    blur is +1.5%; measured 0.990 here, 1.007 on the default AOR), robust scatter <= 3%."""
     t = _table(airy_run, "sources", 1)
     truth = airy_run.sim.truth_sources  # type: ignore[attr-defined]
     it, jd = _mutual_matches(t, truth, mips.BANDS[1].psf_fwhm_arcsec / 2)
@@ -89,7 +89,7 @@ def test_24um_fluxes_with_the_diffraction_prf(airy_run: PipelineRun) -> None:
     print(f"24 um: {len(t)} detections, {bright.sum()} bright, flux/true {med:.4f} "
           f"(scatter {mad:.4f})")
     assert bright.sum() >= 5
-    assert med == pytest.approx(1.0, abs=0.03)
+    assert med == pytest.approx(1.0, abs=0.02)
     assert mad <= 0.03
 
 
