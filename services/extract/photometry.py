@@ -669,8 +669,12 @@ def extract_sources(
             t.meta["PRFOBSC"] = round(prf.params.get("obscuration", 0.0), 4)
             t.meta["PRFBLUR"] = round(prf.params.get("blur_fwhm_px", 0.0) * pix_arcsec, 4)
         t.meta["PRFFWHM"] = round(prf.fwhm_px * pix_arcsec, 4)
-    if choice is not None and math.isfinite(choice.chi2_tabulated):
-        t.meta["PRFDCHI2"] = round(choice.chi2_gaussian - choice.chi2_tabulated, 1)
+    if choice is not None:
+        # Sources the PSF models were compared on: 0 means the data could not tell (the
+        # Gaussian assumed).
+        t.meta["PRFTEST"] = choice.n_sources if choice.tested else 0
+        if math.isfinite(choice.chi2_tabulated):
+            t.meta["PRFDCHI2"] = round(choice.chi2_gaussian - choice.chi2_tabulated, 1)
     return t
 
 

@@ -106,6 +106,11 @@ class PrfChoice:
     def name(self) -> str:
         return "Gaussian" if self.prf is None else self.prf.name
 
+    @property
+    def tested(self) -> bool:
+        """Whether the data were compared with the models (else too few bright sources)."""
+        return bool(np.isfinite(self.gaussian_mismatch))
+
 
 def choose_prf(
     image: np.ndarray,

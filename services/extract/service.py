@@ -124,9 +124,16 @@ class ExtractService(Service):
             detect_sigma=self.config.detect_sigma,
             prf_model=prf_model,
         )
-        ctx.log.info("prf_model", band=band, key=ref.key, **{
-            k.lower(): table.meta[k] for k in ("PRFMODEL", "FWHM", "PRFLAMD", "PRFOBSC", "PRFBLUR",
-                                               "PRFDCHI2", "APCORR") if k in table.meta})
+        prf_meta = {k.lower(): table.meta[k] for k in ("PRFMODEL", "FWHM", "PRFLAMD", "PRFOBSC",
+                                                       "PRFBLUR", "PRFDCHI2", "PRFTEST",
+                                                       "APCORR") if k in table.meta}
+        if table.meta.get("PRFTEST") == 0:
+            ctx.log.warning("prf_model_untested", band=band, key=ref.key, **prf_meta,
+                            hint="fewer than 3 sources at S/N >= 30: the Gaussian PSF is "
+                                 "assumed; on diffraction-limited data pass a PRF file "
+                                 "(extract prf_files)")
+        else:
+            ctx.log.info("prf_model", band=band, key=ref.key, **prf_meta)
         frames_cache: dict[str, list[BCDFrame]] = {}
         table = await self._multiframe(table, ref, header, band, ctx, frames_cache)
         stem = re.sub(r"_maic\.fits$", "", ref.key.rsplit("/", 1)[-1], flags=re.IGNORECASE)

@@ -57,6 +57,7 @@ def test_columns_and_units(result24):
     # The band FWHM seeds the measurement of the mosaic's own PRF (here a 5.9" Gaussian).
     assert t.meta["FWHMSRC"] == "measured (MIPS band seed)"
     assert t.meta["PRFMODEL"] == "Gaussian"  # Gaussian sources: the diffraction PRF is not tried
+    assert t.meta["PRFTEST"] >= 3  # ... because the bright sources showed the Gaussian fits
     assert t.meta["FWHM"] == pytest.approx(5.9, rel=0.03)
     # MIPS 24 um zero point 7.17 Jy: m = 2.5 log10(7.17e6 uJy / f).
     ok = t["flux"] > 0

@@ -285,3 +285,14 @@ def test_multiframe_keeps_a_prf_file_fit():
                               band=mips.BANDS[2])
     assert out.meta["MFSKIP"].startswith("PRF from a file")
     assert out["flux"][0] == 4e4
+
+
+def test_too_few_bright_sources_leave_the_psf_untested():
+    # Only faint sources: nothing to compare PSF models on; the table says so (PRFTEST 0).
+    from .synth import make_mosaic
+
+    m = make_mosaic(n_sources=15, snr_range=(8.0, 20.0), seed=4)
+    t = extract_sources(m.image, m.unc, m.coverage, m.header, fwhm_arcsec=None,
+                        band_name="24um")
+    assert t.meta["PRFMODEL"] == "Gaussian"
+    assert t.meta["PRFTEST"] == 0
