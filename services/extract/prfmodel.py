@@ -37,6 +37,13 @@ MIN_DELTA_CHI2 = 25.0
 #: the simulated Gaussian MIPS mosaics (their resampling), 4% on undersampled IRAC-like ones,
 #: 15-24% with a diffraction-limited PSF.
 GAUSSIAN_GOOD_ENOUGH = 0.02
+#: A fitted diffraction pattern whose blur FWHM exceeds this many lambda/D has no visible
+#: rings (0.4-0.5 on the simulated diffraction-limited AORs, 1.1-1.5 where the pattern merely
+#: fitted an undersampled Gaussian better than the Gaussian): it is not taken.
+MAX_BLUR_PER_LAMBDA_D = 0.8
+#: Largest relative difference of a fitted lambda/D from the optics' (when known): the
+#: effective wavelength shifts with the source spectrum by a few per cent (0.2-0.7% measured).
+MAX_LAMBDA_D_ERROR = 0.1
 #: The Gaussian's quick check uses this many of the brightest sources.
 QUICK_CHECK_SOURCES = 8
 
@@ -219,6 +226,10 @@ def choose_prf(
     use = excess <= 3.0 * med
     chi2_g_sum = float(np.sum(chi2_g[use]))
     choice.chi2_gaussian, choice.n_sources = chi2_g_sum, int(use.sum())
+    if choice.n_sources < min_sources:
+        choice.reason = (f"the Gaussian misses the PSF by {mismatch:.1%}, but fewer than "
+                         f"{min_sources} sources are clean enough to compare models on")
+        return choice
 
     lod0 = float(lambda_over_d_px) if lambda_over_d_px else float(fwhm_px)
 
@@ -249,7 +260,11 @@ def choose_prf(
     choice.chi2_tabulated = float(res.fun)
     best = airy(res.x)
     choice.params = dict(best.params)
-    if chi2_g_sum - float(res.fun) > MIN_DELTA_CHI2:
+    lod, blur = best.params["lambda_over_d_px"], best.params["blur_fwhm_px"]
+    implausible = _implausible_airy(lod, blur, lambda_over_d_px)
+    if implausible:
+        choice.reason = f"the best diffraction pattern is not physical: {implausible}"
+    elif chi2_g_sum - float(res.fun) > MIN_DELTA_CHI2:
         choice.prf = best
         choice.reason = (f"the diffraction pattern fits the {choice.n_sources} bright sources "
                          f"better: chi^2 {res.fun:.0f} against {chi2_g_sum:.0f} for the "
@@ -258,6 +273,23 @@ def choose_prf(
         choice.reason = (f"the diffraction pattern does not fit better (chi^2 {res.fun:.0f} "
                          f"against {chi2_g_sum:.0f})")
     return choice
+
+
+def _implausible_airy(lambda_over_d_px: float, blur_fwhm_px: float,
+                      optics_lambda_over_d_px: float | None) -> str:
+    """Why a fitted diffraction pattern is not the telescope's ('' if it may be). Its rings
+    are what sets it apart from a smooth profile: a blur wider than `MAX_BLUR_PER_LAMBDA_D`
+    lambda/D washes them out (then the pattern is merely a flexible profile, which beats the
+    Gaussian on any non-Gaussian PSF, e.g. an undersampled one); and lambda/D must be the
+    optics' (within `MAX_LAMBDA_D_ERROR`) when they are known."""
+    if blur_fwhm_px > MAX_BLUR_PER_LAMBDA_D * lambda_over_d_px:
+        return (f"its blur ({blur_fwhm_px:.2f} px) would wash out the rings of lambda/D "
+                f"{lambda_over_d_px:.2f} px")
+    if optics_lambda_over_d_px and abs(lambda_over_d_px / optics_lambda_over_d_px - 1.0) \
+            > MAX_LAMBDA_D_ERROR:
+        return (f"lambda/D {lambda_over_d_px:.2f} px is not the optics' "
+                f"{optics_lambda_over_d_px:.2f} px")
+    return ""
 
 
 def _mismatch_squared(chi2: np.ndarray, dof: np.ndarray, snr: np.ndarray) -> tuple[float,

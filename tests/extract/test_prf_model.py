@@ -296,3 +296,17 @@ def test_too_few_bright_sources_leave_the_psf_untested():
                         band_name="24um")
     assert t.meta["PRFMODEL"] == "Gaussian"
     assert t.meta["PRFTEST"] == 0
+
+
+def test_a_diffraction_pattern_must_be_physical():
+    # The pattern is taken only if its rings can show (blur <= 0.8 lambda/D) and its lambda/D
+    # is the optics' when they are known. In a sweep of foreign inputs, undersampled Gaussian
+    # PSFs (IRAC-like, MIPS 70 um on a 4" grid) were fitted better by a pattern blurred by
+    # 1.1-1.5 lambda/D: taken, it gave 70 um fluxes 1.48x the truth; with the rule, 1.08x.
+    from services.extract.prfmodel import _implausible_airy
+
+    assert _implausible_airy(2.35, 1.0, 2.35) == ""  # the simulated 24 um optics
+    assert _implausible_airy(4.35, 2.2, None) == ""  # 70 um, optics unknown
+    assert "wash out" in _implausible_airy(3.54, 3.83, None)  # the sweep's false 70 um fit
+    assert "wash out" in _implausible_airy(1.05, 1.31, None)  # ... and the IRAC-like one
+    assert "not the optics'" in _implausible_airy(2.0, 0.5, 2.35)
