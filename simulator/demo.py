@@ -60,6 +60,14 @@ def _isocam_inputs(inputs: Path, truth: Path) -> list[Path]:
 
 def print_demo_summary(out_dir: Path) -> None:
     """Print the head of the band-merged tables and ISOCAM point-source lists the demo made."""
+    for path in sorted(out_dir.glob("*_sources.tbl")):
+        meta = Table.read(path, format="ascii.ipac").meta.get("keywords", {})
+        model = meta.get("PRFMODEL", {}).get("value")
+        if model:
+            tested = meta.get("PRFTEST", {}).get("value")
+            how = ("" if tested is None else " (too few bright sources to test it)"
+                   if tested == 0 else f" (chosen on {tested} bright sources)")
+            print(f"{path.name}: PSF model {model}{how}")
     for path in sorted(out_dir.glob("*bandmerged*.tbl")) + sorted(out_dir.glob("CPSL*.tbl")):
         table = Table.read(path, format="ascii.ipac")
         print(f"\n{path.name}: {len(table)} sources; first rows:")
