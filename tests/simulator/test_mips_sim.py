@@ -221,3 +221,20 @@ def test_160um_two_ramps_round_trip() -> None:
     med = np.median(raw.data.reshape(80, -1), axis=1)
     # the reset between the ramps: sample 40 falls back near sample 0
     assert med[39] > med[0] + 100 and abs(med[40] - med[0]) < 0.2 * (med[39] - med[0])
+
+
+def test_demo_summary_says_which_psf_model_each_list_used(tmp_path, capsys) -> None:
+    from astropy.table import Table
+
+    from services.extract.tables import to_ipac_bytes
+    from simulator.demo import print_demo_summary
+
+    for name, meta in (("A_sources.tbl", {"PRFMODEL": "obscured Airy", "PRFTEST": 18}),
+                       ("B_sources.tbl", {"PRFMODEL": "Gaussian", "PRFTEST": 0})):
+        t = Table({"srcid": [1], "flux": [1.0]})
+        t.meta.update(meta)
+        (tmp_path / name).write_bytes(to_ipac_bytes(t))
+    print_demo_summary(tmp_path)
+    out = capsys.readouterr().out
+    assert "A_sources.tbl: PSF model obscured Airy (chosen on 18 bright sources)" in out
+    assert "B_sources.tbl: PSF model Gaussian (too few bright sources to test it)" in out
