@@ -50,6 +50,32 @@ def _frames_fwhm(name: str, table: Table, frames: Sequence[BCDFrame], mosaic_fwh
                            mosaic_pixel_arcsec=float(table.meta.get("PIXSCAL", 0.0)))
 
 
+def _lent_diffraction_psf(name: str, lists: Mapping[str, Table], frames_fwhm: float,
+                          ) -> SkyPsf | None:
+    """The BCD-level diffraction PSF of MIPS band `name` as another band of the same
+    telescope measured it, when `name`'s own extraction could not compare PSF models (meta
+    PRFTEST 0: too few bright sources) and another band's chose the obscured Airy pattern on
+    >= 3 sources: that band's obscuration, its lambda/D relative to its optics' (the source
+    colours' shift), and its jitter (its mosaic blur less two boxes of its BCD pixel, as in
+    `SkyPsf.on_frames`). None otherwise."""
+    band = mips.band_named(name)
+    if band is None or lists[name].meta.get("PRFTEST") != 0:
+        return None
+    for other, t in lists.items():
+        m, ob = t.meta, mips.band_named(other)
+        tested = m.get("PRFTEST")
+        if (other == name or ob is None or m.get("PRFMODEL") != "obscured Airy"
+                or not isinstance(tested, (int, np.integer)) or tested < 3
+                or "PRFLAMD" not in m):
+            continue
+        scale = float(m["PRFLAMD"]) / ob.lambda_over_d_arcsec
+        box2 = 2.0 * 8.0 * math.log(2.0) / 12.0 * ob.pixel_arcsec**2
+        jitter = math.sqrt(max(float(m.get("PRFBLUR", 0.0)) ** 2 - box2, 0.0))
+        return SkyPsf(frames_fwhm, lambda_over_d_arcsec=band.lambda_over_d_arcsec * scale,
+                      obscuration=float(m.get("PRFOBSC", 0.0)), blur_fwhm_arcsec=jitter)
+    return None
+
+
 def _tangent_offsets_arcsec(ra: np.ndarray, dec: np.ndarray, ra0: float,
                             dec0: float) -> tuple[np.ndarray, np.ndarray]:
     """Local east/north offsets (arcsec) from (ra0, dec0): flat-sky is fine over a mosaic."""
@@ -100,6 +126,7 @@ def bandmerge(
             raise BandmergeError(f"source list {name!r} lacks columns {missing}")
     frames_by_band = frames_by_band or {}
     fwhm = {b: _band_fwhm(b, lists[b], fwhm_arcsec) for b in names}
+    lent_to: list[str] = []  # bands whose upper limits use another band's diffraction pattern
 
     def floor(b: str) -> float:
         if isinstance(pos_floor_arcsec, Mapping):
@@ -251,6 +278,10 @@ def bandmerge(
                 psf_fwhm = _frames_fwhm(b, lists[b], frames, fwhm[b])
                 psf = psf.on_frames(frame_pixel_arcsec=wcs_pixel_scale_arcsec(frames[0].wcs),
                                     fwhm_arcsec=psf_fwhm)
+                lent = _lent_diffraction_psf(b, lists, psf_fwhm)
+                if lent is not None:
+                    psf = lent
+                    lent_to.append(b)
             else:
                 assert mosaic is not None
                 frames, psf_fwhm = (mosaic,), fwhm[b]
@@ -278,6 +309,8 @@ def bandmerge(
         out[f"ulim_{b}"] = ulim
         out[f"ulim_{b}"].unit = "uJy"
         out[f"nframes_{b}"] = nfr
+    if lent_to:
+        out.meta["ULPSFLNT"] = ",".join(lent_to)  # limits on the other band's diffraction PSF
     out.meta.update({"BANDS": ",".join(names), "CHI2MAX": chi2_max, "NSIGMA": nsigma,
                      "ULCONV": UPPER_LIMIT_CONVENTION,
                      "CNFPAIRS": ",".join(f"{a}-{b}" for a, b in pairs)})

@@ -310,3 +310,44 @@ def test_a_diffraction_pattern_must_be_physical():
     assert "wash out" in _implausible_airy(3.54, 3.83, None)  # the sweep's false 70 um fit
     assert "wash out" in _implausible_airy(1.05, 1.31, None)  # ... and the IRAC-like one
     assert "not the optics'" in _implausible_airy(2.0, 0.5, 2.35)
+
+
+def test_band_merge_lends_a_diffraction_psf_to_an_untested_band():
+    # 70 um could not test its PSF (PRFTEST 0: too few bright sources), 24 um chose the
+    # diffraction pattern: the 70 um forced photometry on the BCDs (diffraction-limited here)
+    # uses the same telescope's pattern at 70 um, and its fluxes are unbiased; with the
+    # Gaussian they would be ~0.8 of the truth.
+    from astropy.table import Table
+
+    from services.extract import bandmerge
+    from shared.instruments import mips
+
+    from .synth import make_bcd_frames
+
+    k = (np.arange(4) - 1.5) * 60.0 / 3600.0
+    dd, rr = np.meshgrid(k, k)
+    ra, dec = 150.0 + rr.ravel() / np.cos(np.radians(2.0)), 2.0 + dd.ravel()
+    f70 = np.full(ra.size, 60000.0)  # uJy
+    frames = make_bcd_frames(ra, dec, f70, channel=2, ra0=150.0, dec0=2.0, n_frames=12,
+                             dither_arcsec=40.0, unc_mjysr=0.5, airy_obscuration=0.3, seed=6)
+    cols = {"RA": ra, "Dec": dec, "delta_RA": np.full(ra.size, 0.1),
+            "delta_Dec": np.full(ra.size, 0.1), "flux": np.full(ra.size, 5000.0),
+            "delta_flux": np.full(ra.size, 50.0)}
+    box = np.sqrt(2 * 8 * np.log(2) / 12) * mips.BANDS[1].pixel_arcsec  # no jitter left
+    t24 = Table(cols)
+    t24.meta.update({"FWHM": 5.9, "PRFMODEL": "obscured Airy", "PRFTEST": 20,
+                     "PRFLAMD": mips.BANDS[1].lambda_over_d_arcsec, "PRFOBSC": 0.3,
+                     "PRFBLUR": float(box)})
+    t70 = Table({c: np.zeros(0) for c in cols})
+    t70.meta.update({"FWHM": 18.0, "PRFMODEL": "Gaussian", "PRFTEST": 0})
+    lent = bandmerge({"24um": t24, "70um": t70}, frames_by_band={"70um": frames})
+    assert lent.meta["ULPSFLNT"] == "70um"
+    t24.meta["PRFMODEL"] = "Gaussian"  # nothing to lend
+    gauss = bandmerge({"24um": t24, "70um": t70}, frames_by_band={"70um": frames})
+    assert "ULPSFLNT" not in gauss.meta
+    r_lent = np.median(np.asarray(lent["flux_70um"]) / f70)
+    r_gauss = np.median(np.asarray(gauss["flux_70um"]) / f70)
+    print(f"70 um forced flux / true: lent diffraction PSF {r_lent:.3f}, Gaussian {r_gauss:.3f}")
+    assert r_lent == pytest.approx(1.0, abs=0.03)
+    assert r_gauss < 0.9
+    assert np.all(np.asarray(lent["ulim_70um"]) > f70)
