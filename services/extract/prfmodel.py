@@ -4,11 +4,12 @@ diffraction pattern (an obscured Airy pattern with its rings), chosen from the d
 A real telescope's PSF is not a Gaussian: at 24 um the Spitzer PSF is the Airy pattern of the
 85 cm mirror (FWHM ~1.03 lambda/D = 5.9"), whose rings hold ~30% of the flux. Fitting a
 Gaussian to it measures the core only (fluxes ~0.7 of the truth) and leaves the rings in the
-residual, where their pieces are detected as sources. `choose_prf` fits the bright isolated
-sources with both models and keeps the Gaussian unless the diffraction pattern fits
-significantly better; `obscured_airy_prf` tabulates the pattern on any pixel grid (so the same
-PRF serves the mosaic and the BCDs); `wing_image` renders the PRF beyond the fitting stamps
-(the outer rings of bright sources), which the extraction subtracts before it fits.
+residual, where their pieces are detected as sources. `choose_prf` keeps the Gaussian unless
+the bright sources show it misses their PSF and a physical diffraction pattern fits them
+significantly better; `obscured_airy_prf` tabulates the pattern on any pixel grid, and
+`SkyPsf` carries it to the BCDs (forced photometry, multiframe); `wing_image` renders the PRF
+beyond the fitting stamps (the outer rings of bright sources), which the extraction subtracts
+before it fits; `read_prf_file` takes a PRF given as a FITS image (e.g. the SSC's).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class PrfChoice:
     """What `choose_prf` decided, and on what evidence (for headers and logs)."""
 
     prf: TabulatedPrf | None  #: None: the Gaussian
-    n_sources: int  #: bright isolated sources compared
+    n_sources: int  #: bright sources the models were compared on
     chi2_gaussian: float = math.nan
     chi2_tabulated: float = math.nan
     dof: int = 0
@@ -174,6 +175,7 @@ def choose_prf(
     if cand.size < min_sources:
         return PrfChoice(None, int(cand.size), reason=f"fewer than {min_sources} bright "
                          f"sources (S/N >= {min_snr:g}) to compare PSF models on")
+
     def chi2_of(prf: TabulatedPrf | None, fwhm: float, compared: np.ndarray, *,
                 neighbours: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each compared source's chi^2, degrees of freedom and S/N under one model. The
