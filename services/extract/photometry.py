@@ -26,7 +26,6 @@ from services.extract.prf import (
     TabulatedPrf,
     fit_common_fwhm,
     fit_point_sources,
-    pixel_integrated_gaussian_1d,
     sigma_from_fwhm,
 )
 from services.extract.prfmodel import PrfChoice, choose_prf, wing_image
@@ -718,10 +717,3 @@ def _table_aperture_correction(band: mips.MipsBand | None, radius_arcsec: float)
         if abs(r - radius_arcsec) < 0.05 and sky_in == 0.0:
             return corr
     return None
-
-
-def psf_weights(offset_x: np.ndarray, offset_y: np.ndarray, *, sigma_px: float) -> np.ndarray:
-    """Pixel-integrated unit Gaussian at pixel offsets from the source (broadcast)."""
-    gx, _ = pixel_integrated_gaussian_1d(offset_x, sigma_px)
-    gy, _ = pixel_integrated_gaussian_1d(offset_y, sigma_px)
-    return gx * gy

@@ -45,14 +45,6 @@ def pixel_integrated_gaussian_1d(
     return value, deriv
 
 
-def psf_stamp(x0: float, y0: float, *, sigma_px: float, half_size: int) -> np.ndarray:
-    """Pixel-integrated unit-flux Gaussian on the (2*half_size+1)^2 pixels around round(x0,y0)."""
-    off = np.arange(-half_size, half_size + 1, dtype=float)
-    gx, _ = pixel_integrated_gaussian_1d(np.round(x0) + off - x0, sigma_px)
-    gy, _ = pixel_integrated_gaussian_1d(np.round(y0) + off - y0, sigma_px)
-    return gy[:, None] * gx[None, :]
-
-
 def _keys_weights(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cubic convolution (Keys, a = -0.5) weights of the samples at -1, 0, 1, 2 for the
     fractional positions `t` in [0, 1), and their derivatives in t; shapes (..., 4)."""
