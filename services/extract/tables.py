@@ -105,6 +105,10 @@ def to_fits_hdulist(table: Table, header_cards: HeaderCards | None = None) -> fi
             hdu.header[key] = val
         else:
             hdu.header[f"HIERARCH {key}"] = val
+    if any(isinstance(v, str) and len(v) > 68 for v in hdu.header.values()):
+        # astropy continues long strings over CONTINUE cards: the OGIP convention, which
+        # the header must then declare
+        hdu.header["LONGSTRN"] = ("OGIP 1.0", "long strings continue over CONTINUE cards")
     hdu.header["EXTNAME"] = "SOURCES"
     hdul = fits.HDUList([primary, hdu])
     hdul.verify("exception")

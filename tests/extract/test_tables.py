@@ -7,6 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from astropy.io.fits import open as fits_open
 from astropy.table import Table
 
 from services.extract import from_fits_hdulist, from_ipac_bytes, to_fits_hdulist, to_ipac_bytes
@@ -68,3 +69,18 @@ def test_fits_bytes_round_trip_keeps_meta():
     back = from_fits_bytes(to_fits_bytes(_table(), {"AORKEY": 123}))
     assert list(back["srcid"]) == [1, 2, 3]
     assert back.meta["FWHM"] == pytest.approx(5.9)  # bandmerge reads the FWHM from here
+
+
+def test_long_meta_strings_pass_fitsverify_without_warnings(tmp_path):
+    # e.g. PRFWHY, the reason for the PSF model: longer than one card, continued over
+    # CONTINUE cards, which the header must declare (LONGSTRN).
+    t = _table()
+    t.meta["PRFWHY"] = ("the diffraction pattern fits the 18 bright sources better: chi^2 5903 "
+                        "against 15342 for the Gaussian")
+    path = tmp_path / "long.fits"
+    to_fits_hdulist(t).writeto(path)
+    assert from_fits_hdulist(fits_open(path)).meta["PRFWHY"] == t.meta["PRFWHY"]
+    if shutil.which("fitsverify") is None:
+        pytest.skip("fitsverify not installed")
+    res = subprocess.run(["fitsverify", "-q", str(path)], capture_output=True, text=True)
+    assert "0 warnings and 0 errors" in res.stdout or "OK" in res.stdout, res.stdout
