@@ -441,14 +441,13 @@ def extract_sources(
 
     choice: PrfChoice | None = None
     prf: TabulatedPrf | None = None
+    optics_lod_px = band.lambda_over_d_arcsec / pix_arcsec if band else None
     if isinstance(prf_model, TabulatedPrf):
         prf = prf_model
     elif prf_model == "auto":
         if det.x.size:
-            choice = choose_prf(
-                sub, weight_cal, x=det.x, y=det.y, flux=det.flux, snr=det.snr, fwhm_px=fwhm_px,
-                lambda_over_d_px=band.lambda_over_d_arcsec / pix_arcsec if band else None,
-            )
+            choice = choose_prf(sub, weight_cal, x=det.x, y=det.y, flux=det.flux, snr=det.snr,
+                                fwhm_px=fwhm_px, lambda_over_d_px=optics_lod_px)
             prf = choice.prf
     elif prf_model != "gaussian":
         raise ExtractionError(
@@ -482,10 +481,9 @@ def extract_sources(
         if choice is not None and choice.prf is not None:
             # The pattern was fitted on the first sky, whose excess dimmed its rings:
             # its parameters are refined on the new one.
-            refined = choose_prf(
-                sub, weight_cal, x=det.x, y=det.y, flux=det.flux, snr=det.snr,
-                fwhm_px=fwhm_px, refine=choice.prf,
-                lambda_over_d_px=band.lambda_over_d_arcsec / pix_arcsec if band else None)
+            refined = choose_prf(sub, weight_cal, x=det.x, y=det.y, flux=det.flux,
+                                 snr=det.snr, fwhm_px=fwhm_px, refine=choice.prf,
+                                 lambda_over_d_px=optics_lod_px)
             if refined.prf is not None:
                 choice, prf = refined, refined.prf
                 wings = wing_image(prf, x=fit.x[bright], y=fit.y[bright],
@@ -555,12 +553,14 @@ def extract_sources(
     fwhm_as = fwhm_px * pix_arcsec
     r_as = float(aperture_radius_arcsec) if aperture_radius_arcsec else 1.2 * fwhm_as
     table_corr = _table_aperture_correction(band, r_as) if band_aperture_table else None
+    r_px = r_as / pix_arcsec
+    prf_ee = prf_enclosed_fraction(prf, r_px) if prf is not None else None
     if aperture_correction is not None:
         apcorr, apc_src = float(aperture_correction), "parameter"
     elif table_corr is not None:
         apcorr, apc_src = table_corr, "MIPS band table (real PSF)"
-    elif prf is not None:
-        apcorr, apc_src = 1.0 / prf_enclosed_fraction(prf, r_as / pix_arcsec), f"{prf.name} PRF"
+    elif prf is not None and prf_ee is not None:
+        apcorr, apc_src = 1.0 / prf_ee, f"{prf.name} PRF"
     else:
         # The PRF fitted is a Gaussian: its own correction keeps flux_ap consistent with flux.
         # The MIPS table (real PSF, Airy rings: 1.61 at 7") would be wrong by up to 50% here.
@@ -570,7 +570,6 @@ def extract_sources(
             ),
             "Gaussian PRF",
         )
-    r_px = r_as / pix_arcsec
     if subtract_neighbours:
         # Aperture on the residual image plus the source's own model: the fitted neighbours are
         # removed from the aperture, the source's own light is kept (model part: its fitted
@@ -583,7 +582,7 @@ def extract_sources(
             radius_px=r_px,
             mask=invalid,
         )
-        own = (prf_enclosed_fraction(prf, r_px) if prf is not None else
+        own = (prf_ee if prf_ee is not None else
                1.0 / gaussian_aperture_correction(
                    fwhm_arcsec=fwhm_px, radius_arcsec=r_px, pixel_arcsec=1.0))
         ap_sum = ap_sum + fit.flux * own
@@ -672,6 +671,7 @@ def extract_sources(
         # Sources the PSF models were compared on: 0 means the data could not tell (the
         # Gaussian assumed).
         t.meta["PRFTEST"] = choice.n_sources if choice.tested else 0
+        t.meta["PRFWHY"] = choice.reason  # why that model (for the log and the reader)
         if math.isfinite(choice.chi2_tabulated):
             t.meta["PRFDCHI2"] = round(choice.chi2_gaussian - choice.chi2_tabulated, 1)
     return t

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from astropy.io import fits
@@ -105,10 +105,8 @@ class PrfChoice:
     n_sources: int  #: bright sources the models were compared on
     chi2_gaussian: float = math.nan
     chi2_tabulated: float = math.nan
-    dof: int = 0
     gaussian_mismatch: float = math.nan
     reason: str = ""
-    params: dict[str, float] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -219,8 +217,7 @@ def choose_prf(
     excess = (chi2_g - c_noise * dof_g) / np.maximum(np.square(snr_fit), 1e-300)
     med = m2
     mismatch = math.sqrt(max(med, 0.0))
-    choice = PrfChoice(None, int(compared.size), dof=int(np.sum(dof_g)),
-                       gaussian_mismatch=mismatch)
+    choice = PrfChoice(None, int(compared.size), gaussian_mismatch=mismatch)
     if mismatch < GAUSSIAN_GOOD_ENOUGH:
         choice.chi2_gaussian = float(np.sum(chi2_g))
         choice.reason = f"the Gaussian fits the bright sources (mismatch {mismatch:.4f})"
@@ -261,7 +258,6 @@ def choose_prf(
                             "maxfev": 60})
     choice.chi2_tabulated = float(res.fun)
     best = airy(res.x)
-    choice.params = dict(best.params)
     lod, blur = best.params["lambda_over_d_px"], best.params["blur_fwhm_px"]
     implausible = _implausible_airy(lod, blur, lambda_over_d_px)
     if implausible:

@@ -126,7 +126,7 @@ class ExtractService(Service):
         )
         prf_meta = {k.lower(): table.meta[k] for k in ("PRFMODEL", "FWHM", "PRFLAMD", "PRFOBSC",
                                                        "PRFBLUR", "PRFDCHI2", "PRFTEST",
-                                                       "APCORR") if k in table.meta}
+                                                       "PRFWHY", "APCORR") if k in table.meta}
         if table.meta.get("PRFTEST") == 0:
             ctx.log.warning("prf_model_untested", band=band, key=ref.key, **prf_meta,
                             hint="fewer than 3 sources at S/N >= 30: the Gaussian PSF is "
