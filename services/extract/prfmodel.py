@@ -502,7 +502,20 @@ def read_prf_file(hdul: fits.HDUList, *, pixel_arcsec: float, name: str = "PRF f
 
 
 def load_prf_file(path: str, *, pixel_arcsec: float) -> TabulatedPrf:
-    """`read_prf_file` of the FITS file at `path`, named after the file."""
+    """`read_prf_file` of the FITS file at `path`, named after the file; read once per file
+    version (path and modification time) and pixel scale, not once per mosaic."""
+    import os
+
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError as exc:
+        raise PrfFileError(f"PRF file {path}: cannot be read ({exc})") from exc
+    return _load_prf_file(path, mtime, round(pixel_arcsec, 6))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_prf_file(path: str, mtime_ns: int, pixel_arcsec: float) -> TabulatedPrf:
+    """`load_prf_file`'s read (`mtime_ns` only keys the cache)."""
     import os
 
     try:

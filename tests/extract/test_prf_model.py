@@ -351,3 +351,24 @@ def test_band_merge_lends_a_diffraction_psf_to_an_untested_band():
     assert r_lent == pytest.approx(1.0, abs=0.03)
     assert r_gauss < 0.9
     assert np.all(np.asarray(lent["ulim_70um"]) > f70)
+
+
+def test_a_prf_file_is_read_once_per_version(tmp_path, monkeypatch):
+    # The service loads its PRF file for every mosaic: one read per file version.
+    import os
+
+    import services.extract.prfmodel as pm
+
+    path = tmp_path / "prf.fits"
+    _analytic_prf_file(5, obscuration=0.0, radius_px=6.0).writeto(path)
+    reads = []
+    real = pm.read_prf_file
+    monkeypatch.setattr(pm, "read_prf_file", lambda *a, **k: reads.append(1) or real(*a, **k))
+    a = pm.load_prf_file(str(path), pixel_arcsec=PIX)
+    b = pm.load_prf_file(str(path), pixel_arcsec=PIX)
+    assert a is b and len(reads) == 1
+    os.utime(path, ns=(1, 1))  # a new version of the file
+    pm.load_prf_file(str(path), pixel_arcsec=PIX)
+    assert len(reads) == 2
+    with pytest.raises(pm.PrfFileError, match="cannot be read"):
+        pm.load_prf_file(str(tmp_path / "missing.fits"), pixel_arcsec=PIX)
