@@ -188,6 +188,11 @@ class Service(abc.ABC):
     def __init__(self, config: msgspec.Struct) -> None:
         self.config = config
 
+    async def prepare(self, log: Any) -> None:
+        """Work done once per replica before its first message (e.g. compiling kernels), after
+        the consumer is bound: messages wait in the stream meanwhile. Default: nothing."""
+        return None
+
     @abc.abstractmethod
     async def handle(self, message: Envelope, ctx: Context) -> None:
         """Process one message: read inputs, run science (`ctx.run`), `ctx.emit` products.
@@ -251,6 +256,7 @@ class ServiceRunner:
         )
         self.ready.set()
         try:
+            await self.service.prepare(self.log)
             while not stop.is_set():
                 try:
                     batch = await sub.fetch(

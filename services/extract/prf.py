@@ -22,9 +22,12 @@ import numpy as np
 from scipy.spatial import cKDTree
 from scipy.special import erf
 
+from services.extract import prf_kernels
+
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 _SQRT2 = math.sqrt(2.0)
 _SQRT2PI = math.sqrt(2.0 * math.pi)
+_COMPILED = True  # the Gaussian fits in `prf_kernels` (False: the array code, for comparison)
 
 
 def sigma_from_fwhm(fwhm: float) -> float:
@@ -232,6 +235,11 @@ def fit_point_sources(
 
     cx = np.round(x).astype(np.int64)
     cy = np.round(y).astype(np.int64)
+    if prf is None and _COMPILED:
+        return _fit_gaussian_compiled(
+            image, weight, x=x, y=y, flux=flux, cx=cx, cy=cy, h=h, sigma=sigma_from_fwhm(fwhm_px),
+            shift_max=shift_max, tol_px=tol_px, tol_sigma=tol_sigma, tol_chi2=tol_chi2,
+            max_iter=max_iter, free=free)
     st = _Stamps(image, weight, cx, cy, h)
     xs0, ys0 = x.copy(), y.copy()
     lam = np.full(n, 1e-3)  # Levenberg-Marquardt damping, per source (equal within a group)
@@ -277,6 +285,74 @@ def fit_point_sources(
         converged=todo.size == 0,
         residual=residual,
     )
+
+
+def compile_kernels() -> float:
+    """Run the compiled Gaussian fits once on a small synthetic image, so that their JIT
+    compilation (or the load of its on-disk cache) happens now and not inside the first
+    extraction; returns the seconds it took."""
+    import time
+
+    t0 = time.perf_counter()
+    yy, xx = np.mgrid[0:40, 0:40]
+    x0 = np.array([12.3, 14.9, 27.6, 20.0, 30.2])
+    y0 = np.array([11.8, 13.1, 26.4, 30.5, 9.7])
+    flux = np.array([100.0, 60.0, 80.0, 50.0, 70.0])
+    image = sum(f / (2 * np.pi * 1.2**2) * np.exp(-((xx - a) ** 2 + (yy - b) ** 2) / 2.88)
+                for a, b, f in zip(x0, y0, flux, strict=True))
+    weight = np.ones((40, 40))
+    fit_common_fwhm(image, weight, x0=x0, y0=y0, flux0=flux, fwhm_px=2.5, half_size=5,
+                    reject_factor=5.0)
+    fit_point_sources(image, weight, x0=x0 + 0.3, y0=y0 - 0.2, flux0=flux, fwhm_px=2.8)
+    return time.perf_counter() - t0
+
+
+def _stamp_groups(weight: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int) -> np.ndarray:
+    """Group of each stamp: stamps (half-size h, centred on the integer pixels cx, cy) that
+    share a weighted pixel are in one group (connected components)."""
+    n = cx.size
+    if n < 2:
+        return np.zeros(n, dtype=np.int64)
+    cand = cKDTree(np.column_stack([cx, cy])).query_pairs(2 * h + 0.5, p=np.inf,
+                                                          output_type="ndarray")
+    ci, cj = cand[:, 0].astype(np.int64), cand[:, 1].astype(np.int64)
+    share = prf_kernels.shared_weighted_pixel(weight, cx, cy, h, ci, cj)
+    return _connected_components(n, ci[share], cj[share])
+
+
+def _fit_gaussian_compiled(
+    image: np.ndarray, weight: np.ndarray, *, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
+    cx: np.ndarray, cy: np.ndarray, h: int, sigma: float, shift_max: float, tol_px: float,
+    tol_sigma: float, tol_chi2: float, max_iter: int, free: np.ndarray | None,
+) -> PrfFit:
+    """`fit_point_sources` with the Gaussian PRF, in the compiled kernels (`prf_kernels`)."""
+    group = _stamp_groups(weight, cx, cy, h)
+    n_groups = int(group.max()) + 1
+    counts = np.bincount(group, minlength=n_groups)
+    order = np.argsort(group, kind="stable")
+    group_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    if free is None:
+        iterate = np.ones(n_groups, dtype=bool)
+    else:
+        iterate = np.zeros(n_groups, dtype=bool)
+        iterate[group[np.asarray(free, dtype=bool)]] = True
+    # C-ordered, writable, native float64: one compiled specialisation serves every call.
+    image, weight = _kernel_array(image), _kernel_array(weight)
+    var, moving = prf_kernels.fit_groups(
+        image, weight, cx, cy, h, sigma, x, y, flux, x.copy(), y.copy(), order, group_start,
+        iterate, shift_max, tol_px, tol_sigma, tol_chi2, max_iter)
+    residual, chi2, npix = prf_kernels.residual_and_chi2(image, weight, cx, cy, h, sigma, x, y,
+                                                         flux)
+    return PrfFit(
+        flux=flux, x=x, y=y, flux_err=np.sqrt(var[:, 0]), x_err=np.sqrt(var[:, 1]),
+        y_err=np.sqrt(var[:, 2]), chi2=chi2, npix=npix, group=group,
+        n_in_group=counts[group], converged=not bool(np.any(moving)), residual=residual)
+
+
+def _kernel_array(a: np.ndarray) -> np.ndarray:
+    """`a` as the compiled kernels take it: native float64, C-ordered, writable (numba
+    compiles a separate specialisation for read-only arrays); copied only when needed."""
+    return np.require(a, dtype=np.float64, requirements=["C", "W"])
 
 
 def _iterate_groups(
@@ -394,6 +470,21 @@ def fit_common_fwhm(
     s_lo, s_hi = (sigma_from_fwhm(v) for v in fwhm_range)
     s = float(np.clip(sigma_from_fwhm(fwhm_px), s_lo, s_hi))
     shift_max = 0.75 * fwhm_px
+    if _COMPILED:
+        cx, cy = np.round(x).astype(np.int64), np.round(y).astype(np.int64)
+        group = _stamp_groups(weight, cx, cy, int(half_size))
+        order = np.argsort(group, kind="stable")
+        group_start = np.concatenate([[0], np.cumsum(np.bincount(group))]).astype(np.int64)
+        s, step_s = prf_kernels.fit_common_sigma(
+            _kernel_array(image), _kernel_array(weight), cx, cy, int(half_size),
+            s, s_lo, s_hi, x, y, flux, order, group_start, shift_max, max_iter, tol)
+        keep = _typical_width(step_s, s, reject_factor)
+        if keep is not None:
+            return fit_common_fwhm(
+                image, weight, x0=x[keep], y0=y[keep], flux0=flux[keep],
+                fwhm_px=s * FWHM_PER_SIGMA, half_size=half_size, fwhm_range=fwhm_range,
+                max_iter=max_iter, tol=tol)
+        return s * FWHM_PER_SIGMA
     st = _Stamps(image, weight, np.round(x).astype(np.int64), np.round(y).astype(np.int64),
                  int(half_size))
     blocks = st.blocks()
@@ -442,25 +533,34 @@ def fit_common_fwhm(
             lam *= 10.0
         if not accepted or abs(ds) < tol * s:
             break
-    if reject_factor is not None and x.size >= 4:
-        # Each source's preferred PSF width: one Gauss-Newton step in sigma alone on its own
-        # stamp. A blend (or a saturated core) wants a wider PSF than the rest; drop the
-        # sources whose step is an outlier of the steps' robust spread.
-        r = st.data_u - total
-        jac_s = flux[:, None] * dps
-        step_s = np.sum(st.w_st * r[st.row] * jac_s, axis=1) / np.maximum(
-            np.sum(st.w_st * jac_s * jac_s, axis=1), 1e-300)
-        med = float(np.median(step_s))
-        spread = 1.4826 * float(np.median(np.abs(step_s - med)))
-        keep = np.abs(step_s - med) <= max(reject_factor * spread, 0.02 * s)
-        if 3 <= int(keep.sum()) < x.size:
-            # warm start from this fit: a few iterations move the FWHM off the blend's pull
-            return fit_common_fwhm(
-                image, weight, x0=x[keep], y0=y[keep], flux0=flux[keep],
-                fwhm_px=s * FWHM_PER_SIGMA, half_size=half_size, fwhm_range=fwhm_range,
-                max_iter=max_iter, tol=tol,
-            )
+    # Each source's preferred PSF width: one Gauss-Newton step in sigma alone on its own stamp.
+    r = st.data_u - total
+    jac_s = flux[:, None] * dps
+    step_s = np.sum(st.w_st * r[st.row] * jac_s, axis=1) / np.maximum(
+        np.sum(st.w_st * jac_s * jac_s, axis=1), 1e-300)
+    keep = _typical_width(step_s, s, reject_factor)
+    if keep is not None:
+        # warm start from this fit: a few iterations move the FWHM off the blend's pull
+        return fit_common_fwhm(
+            image, weight, x0=x[keep], y0=y[keep], flux0=flux[keep],
+            fwhm_px=s * FWHM_PER_SIGMA, half_size=half_size, fwhm_range=fwhm_range,
+            max_iter=max_iter, tol=tol,
+        )
     return s * FWHM_PER_SIGMA
+
+
+def _typical_width(step_s: np.ndarray, sigma: float,
+                   reject_factor: float | None) -> np.ndarray | None:
+    """The sources to keep for a common-width fit, or None to keep them all: a blend (or a
+    saturated core) wants a wider PSF than the rest (`step_s`: each source's preferred sigma
+    step); the sources whose step is an outlier of the steps' robust spread (`reject_factor`
+    times it, and 2% of sigma) are dropped, if at least 3 of 4 or more remain."""
+    if reject_factor is None or step_s.size < 4:
+        return None
+    med = float(np.median(step_s))
+    spread = 1.4826 * float(np.median(np.abs(step_s - med)))
+    keep = np.abs(step_s - med) <= max(reject_factor * spread, 0.02 * sigma)
+    return keep if 3 <= int(keep.sum()) < step_s.size else None
 
 
 def _jacobian(prof: np.ndarray, dpx: np.ndarray, dpy: np.ndarray, flux: np.ndarray) -> np.ndarray:

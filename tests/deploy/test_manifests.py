@@ -372,3 +372,21 @@ def test_dockerfile_installs_every_package() -> None:
     copied = set(re.findall(r"^COPY\s+(\w+)/", text, re.M))
     for pattern in includes:
         assert pattern.rstrip("*") in copied, f"package {pattern} not copied into the image"
+
+
+def test_extract_pods_get_the_images_compiled_kernels() -> None:
+    # The Dockerfile compiles the numba kernels into NUMBA_CACHE_DIR; on the read-only root
+    # file system the pod's init container copies them to a writable cache directory, which
+    # the extract container uses.
+    dockerfile = DOCKERFILE.read_text()
+    image_cache = re.search(r"ENV NUMBA_CACHE_DIR=(\S+)", dockerfile)
+    assert image_cache and "compile_kernels()" in dockerfile
+    pod = _by_kind("Deployment")["skybus-extract"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    cache_dir = {e["name"]: e["value"] for e in container["env"]}["NUMBA_CACHE_DIR"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert any(cache_dir.startswith(m + "/") for m in mounts), "cache dir must be writable"
+    (init,) = pod["initContainers"]
+    script = " ".join(init["command"])
+    assert f"{image_cache.group(1)}/." in script and cache_dir in script
+    assert {m["mountPath"] for m in init["volumeMounts"]} == mounts
