@@ -24,8 +24,8 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from bench import common
+from services.extract.jit import compile_kernels
 from services.extract.photometry import extract_sources
-from services.extract.prf import compile_kernels
 from services.mosaic.coadd import Mosaic
 from simulator import sky as skymod
 

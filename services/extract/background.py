@@ -3,120 +3,104 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
+from services.extract.jit import kernel
+
 
 def _clipped_mesh_stats(
     cells: np.ndarray, *, nsigma: float, n_iter: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sigma-clipped median, RMS and number of kept values of each row of `cells` (NaN = absent).
+    """Sigma-clipped level, RMS and number of kept values of each row of `cells` (NaN =
+    absent).
 
-    `cells` is sorted in place (callers pass a scratch array). Every clip keeps a contiguous
-    run of the sorted row, so the clipped median is an index and the run's sums are one
-    `reduceat`, without Python loops over rows. The clipping stops early once no row's run
-    changes (every further clip would repeat it).
+    `cells` is sorted in place (callers pass a scratch array): every clip then keeps a
+    contiguous run of the sorted row, whose ends are found by bisection and whose median is
+    an index (`_clipped_sorted_rows`, compiled). Level: the SExtractor mode estimate
+    2.5 median - 1.5 mean of the kept values, or their median where the cell is crowded
+    (|mean - median| >= 0.3 sigma); NaN where no value is kept; RMS NaN below two values.
     """
     cells.sort(axis=1)  # NaNs sort last: a row's finite values are its first `nvalid`
-    s = cells
-    nrow, ncol = s.shape
-    nvalid = ncol - np.count_nonzero(np.isnan(s), axis=1)
-    # The sorted values flat, each row followed by at least one spare entry: entry (r, k) is at
-    # r * stride + k, so a run's end k = nvalid still indexes inside. Runs never reach the NaNs.
-    if np.all(nvalid < ncol):
-        # Every row already ends with a NaN (callers pad a NaN column): no copy needed.
-        z1 = s.ravel()
-        stride = ncol
-    else:
-        z1 = np.zeros((nrow, ncol + 1))
-        z1[:, :ncol] = s
-        z1 = z1.ravel()
-        stride = ncol + 1
-    z2 = z1 * z1
-    start = np.arange(nrow) * stride
-    bounds = np.empty((nrow, 2), dtype=np.int64)
-    rows = np.arange(nrow)
-    last = ncol - 1
-
-    def run_sums(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Sum and sum of squares of each row's run [lo, hi) (0 for an empty run)."""
-        bounds[:, 0] = start + lo
-        bounds[:, 1] = start + hi
-        flat = bounds.ravel()
-        s1 = np.add.reduceat(z1, flat)[0::2]
-        s2 = np.add.reduceat(z2, flat)[0::2]
-        empty = hi <= lo  # reduceat gives the first entry there, not 0
-        s1[empty] = 0.0
-        s2[empty] = 0.0
-        return s1, s2
-
-    def median(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        return 0.5 * (s[rows, np.clip(lo + (hi - lo - 1) // 2, 0, last)]
-                      + s[rows, np.clip(lo + (hi - lo) // 2, 0, last)])
-
-    lo = np.zeros(nrow, dtype=np.int64)
-    hi = nvalid.astype(np.int64)
-    sum1, sum2 = run_sums(lo, hi)
-    for _ in range(n_iter):
-        cnt = np.maximum(hi - lo, 1)
-        med = median(lo, hi)
-        mean = sum1 / cnt
-        std = np.sqrt(np.maximum(sum2 / cnt - mean * mean, 0.0))
-        # Rows are sorted: the kept run's ends are counts of the values below the limits
-        # (NaNs compare False, so they are never counted).
-        lo_new = _count_sorted(s, med - nsigma * std, inclusive=False, near=lo)
-        hi_new = np.minimum(_count_sorted(s, med + nsigma * std, inclusive=True, near=hi),
-                            nvalid)
-        hi_new = np.maximum(hi_new, lo_new)
-        if np.array_equal(lo_new, lo) and np.array_equal(hi_new, hi):
-            break
-        lo, hi = lo_new, hi_new
-        sum1, sum2 = run_sums(lo, hi)
-    cnt = hi - lo
-    safe = np.maximum(cnt, 1)
-    med = median(lo, hi)
-    mean = sum1 / safe
-    std = np.sqrt(np.maximum(sum2 / safe - mean * mean, 0.0))
-    # A clipped (truncated at +-3 sigma) Gaussian has a slightly smaller RMS than its sigma.
-    std = std / 0.9866 if nsigma == 3.0 else std
-    # Sources skew the distribution upwards: the SExtractor mode estimate corrects for that,
-    # unless the skew is large (crowded cell), where the median is the safer choice.
-    mode = 2.5 * med - 1.5 * mean
-    with np.errstate(invalid="ignore"):
-        use_mode = np.abs(mean - med) < 0.3 * np.maximum(std, 1e-30)
-    level = np.where(use_mode, mode, med)
-    level = np.where(cnt > 0, level, np.nan)
-    std = np.where(cnt > 1, std, np.nan)
+    level, std, cnt = _clipped_sorted_rows(cells, float(nsigma), int(n_iter))
     return level, std, cnt
 
 
-def _count_sorted(
-    rows_sorted: np.ndarray, value: np.ndarray, *, inclusive: bool, near: np.ndarray
-) -> np.ndarray:
-    """Per row of an ascending-sorted 2-D array, how many entries are < `value` (or <= with
-    `inclusive`), equal to np.sum(rows_sorted < value[:, None], axis=1).
+@kernel
+def _count_below(row: np.ndarray, n: int, value: float, inclusive: bool) -> int:
+    """How many of the ascending row[:n] are < `value` (<= with `inclusive`); 0 for NaN."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if row[mid] < value or (inclusive and row[mid] == value):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
-    `near` is a guess of each count (the previous clip's): only a window of entries around it
-    is compared, and the rows whose count falls outside their window are counted in full.
-    """
-    nrow, ncol = rows_sorted.shape
-    width = min(48, ncol)
-    first = np.clip(near - width // 2, 0, ncol - width)
-    window = rows_sorted.ravel()[(np.arange(nrow) * ncol + first)[:, None]
-                                 + np.arange(width)[None, :]]
-    limit = value[:, None]
-    inside = np.count_nonzero(window <= limit if inclusive else window < limit, axis=1)
-    count = first + inside
-    # A full (or empty) window not at the row's end (start): the count may lie beyond it.
-    out = ((inside == width) & (first + width < ncol)) | ((inside == 0) & (first > 0))
-    if np.any(out):
-        rest = rows_sorted[out]
-        limit = value[out, None]
-        count[out] = np.count_nonzero(rest <= limit if inclusive else rest < limit, axis=1)
-    return count
+
+@kernel
+def _clipped_sorted_rows(
+    s: np.ndarray, nsigma: float, n_iter: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_clipped_mesh_stats` of rows already sorted ascending (NaNs last): per row, up to
+    `n_iter` clips at median +- nsigma x RMS of the kept run, stopping when the run no longer
+    changes."""
+    nrow, ncol = s.shape
+    last = ncol - 1
+    level = np.empty(nrow)
+    rms = np.empty(nrow)
+    count = np.empty(nrow, dtype=np.int64)
+    for r in range(nrow):
+        row = s[r]
+        nvalid = 0
+        for k in range(ncol):
+            if not np.isnan(row[k]):
+                nvalid += 1
+        lo, hi = 0, nvalid
+        sum1 = 0.0
+        sum2 = 0.0
+        for k in range(lo, hi):
+            sum1 += row[k]
+            sum2 += row[k] * row[k]
+        for _ in range(n_iter):
+            cnt = max(hi - lo, 1)
+            med = 0.5 * (row[min(max(lo + (hi - lo - 1) // 2, 0), last)]
+                         + row[min(max(lo + (hi - lo) // 2, 0), last)])
+            mean = sum1 / cnt
+            std = math.sqrt(max(sum2 / cnt - mean * mean, 0.0))
+            lo_new = _count_below(row, nvalid, med - nsigma * std, False)
+            hi_new = max(min(_count_below(row, nvalid, med + nsigma * std, True), nvalid),
+                         lo_new)
+            if lo_new == lo and hi_new == hi:
+                break
+            lo, hi = lo_new, hi_new
+            sum1 = 0.0
+            sum2 = 0.0
+            for k in range(lo, hi):
+                sum1 += row[k]
+                sum2 += row[k] * row[k]
+        cnt = hi - lo
+        safe = max(cnt, 1)
+        med = 0.5 * (row[min(max(lo + (hi - lo - 1) // 2, 0), last)]
+                     + row[min(max(lo + (hi - lo) // 2, 0), last)])
+        mean = sum1 / safe
+        std = math.sqrt(max(sum2 / safe - mean * mean, 0.0))
+        # A clipped (truncated at +-3 sigma) Gaussian has a slightly smaller RMS than its
+        # sigma.
+        if nsigma == 3.0:
+            std = std / 0.9866
+        # Sources skew the distribution upwards: the SExtractor mode estimate corrects for
+        # that, unless the skew is large (crowded cell), where the median is the safer choice.
+        use_mode = abs(mean - med) < 0.3 * max(std, 1e-30)
+        level[r] = (2.5 * med - 1.5 * mean if use_mode else med) if cnt > 0 else np.nan
+        rms[r] = std if cnt > 1 else np.nan
+        count[r] = cnt
+    return level, rms, count
 
 
 def estimate_background(
@@ -154,7 +138,7 @@ def estimate_background(
     by, bx = -(-ny // gy), -(-nx // gx)
     # The usable pixels' values (NaN elsewhere) and one spare NaN after them, gathered cell by
     # cell: the cells' padding past the image edge points at the spare NaN, and each cell row
-    # ends with one more NaN, so that the sorted rows need no padded copy (_clipped_mesh_stats).
+    # ends with one more NaN.
     index_all, index_third = _cell_index(ny, nx, gy, gx, by, bx)
     vals = np.empty(ny * nx + 1)
     vals[-1] = np.nan

@@ -21,6 +21,7 @@ from services.extract.detect import (
     matched_filter,
     refilter,
 )
+from services.extract.jit import kernel
 from services.extract.prf import (
     PrfFit,
     TabulatedPrf,
@@ -148,32 +149,73 @@ def aperture_fluxes(
     `image` must be background-subtracted; `unc` is the per-pixel 1-sigma uncertainty;
     masked pixels (True) contribute nothing. Positions are 0-based pixels. Each pixel counts
     with the exact area of its overlap with the circle (as photutils' method='exact'), the
-    variance with the same weights; all apertures at once, on (n, stamp) arrays.
+    variance with the same weights (`_aperture_sums`, compiled).
     """
     xs = np.asarray(x, dtype=float).ravel()
     ys = np.asarray(y, dtype=float).ravel()
     if xs.size == 0:
         return np.zeros(0), np.zeros(0)
+    bad = (np.zeros((0, 0), dtype=bool) if mask is None
+           else np.ascontiguousarray(mask, dtype=bool))
+    return _aperture_sums(
+        np.require(image, dtype=np.float64, requirements=["C", "W"]),
+        np.require(unc, dtype=np.float64, requirements=["C", "W"]), bad, xs, ys,
+        np.round(xs).astype(np.int64), np.round(ys).astype(np.int64), float(radius_px))
+
+
+@kernel
+def _quadrant_area(u: float, v: float, r: float) -> float:
+    """Signed area of the circle of radius r (centre at the origin) within [0, u] x [0, v]
+    (odd in u and in v): past the circle's edge, the rectangle up to where row v meets the
+    circle, plus the circular segment from there to u (integral of sqrt(r^2 - t^2))."""
+    a = min(abs(u), r)
+    b = min(abs(v), r)
+    lo = min(math.sqrt(max(r * r - b * b, 0.0)), a)
+    prim_a = 0.5 * (a * math.sqrt(max(r * r - a * a, 0.0)) + r * r * math.asin(a / r))
+    prim_lo = 0.5 * (lo * math.sqrt(max(r * r - lo * lo, 0.0)) + r * r * math.asin(lo / r))
+    return np.sign(u) * np.sign(v) * (lo * b + prim_a - prim_lo)
+
+
+@kernel
+def _aperture_sums(image: np.ndarray, unc: np.ndarray, bad: np.ndarray, xs: np.ndarray,
+                   ys: np.ndarray, cx: np.ndarray, cy: np.ndarray,
+                   r: float) -> tuple[np.ndarray, np.ndarray]:
+    """`aperture_fluxes` on the stamps of half-size ceil(r) + 1 around (cx, cy): each pixel's
+    overlap with the circle by inclusion-exclusion of `_quadrant_area` at its corners (each
+    corner evaluated once); NaN for an aperture that overlaps no pixel of the image."""
     ny, nx = image.shape
-    h = math.ceil(radius_px) + 1
-    off = np.arange(-h, h + 1)
-    px = np.round(xs).astype(np.int64)[:, None] + off[None, :]  # (n, side)
-    py = np.round(ys).astype(np.int64)[:, None] + off[None, :]
-    area = _circle_pixel_overlap(px - xs[:, None], py - ys[:, None], radius_px)  # (n, side^2)
-    inside = ((py >= 0) & (py < ny))[:, :, None] & ((px >= 0) & (px < nx))[:, None, :]
-    flat = np.clip(py, 0, ny - 1)[:, :, None] * nx + np.clip(px, 0, nx - 1)[:, None, :]
-    keep = inside.reshape(area.shape) & (area > 0)
-    if mask is not None:
-        keep &= ~np.asarray(mask, dtype=bool).ravel()[flat.reshape(area.shape)]
-    wgt = np.where(keep, area, 0.0)
-    idx = flat.reshape(area.shape)
-    with np.errstate(invalid="ignore"):
-        vals = np.where(keep, np.asarray(image, dtype=float).ravel()[idx], 0.0)
-        var = np.where(keep, np.asarray(unc, dtype=float).ravel()[idx] ** 2, 0.0)
-    ap_sum = np.einsum("ns,ns->n", wgt, vals)
-    ap_err = np.sqrt(np.einsum("ns,ns->n", wgt, var))
-    off_image = ~np.any(inside.reshape(area.shape) & (area > 0), axis=1)
-    ap_sum[off_image] = ap_err[off_image] = np.nan  # as photutils: no overlap, no value
+    masked = bad.size > 0
+    h = math.ceil(r) + 1
+    side = 2 * h + 1
+    q = np.empty((side + 1, side + 1))
+    ap_sum = np.zeros(xs.size)
+    ap_err = np.zeros(xs.size)
+    for s in range(xs.size):
+        for i in range(side + 1):
+            ey = cy[s] - h + i - ys[s] - 0.5
+            for j in range(side + 1):
+                q[i, j] = _quadrant_area(cx[s] - h + j - xs[s] - 0.5, ey, r)
+        total = 0.0
+        var = 0.0
+        overlap = False
+        for i in range(side):
+            py = cy[s] - h + i
+            if py < 0 or py >= ny:
+                continue
+            for j in range(side):
+                px = cx[s] - h + j
+                if px < 0 or px >= nx:
+                    continue
+                area = max(q[i + 1, j + 1] - q[i, j + 1] - q[i + 1, j] + q[i, j], 0.0)
+                if area <= 0.0:
+                    continue
+                overlap = True
+                if masked and bad[py, px]:
+                    continue
+                total += area * image[py, px]
+                var += area * unc[py, px] ** 2
+        ap_sum[s] = total if overlap else np.nan  # as photutils: no overlap, no value
+        ap_err[s] = math.sqrt(var) if overlap else np.nan
     return ap_sum, ap_err
 
 

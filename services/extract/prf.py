@@ -287,26 +287,6 @@ def fit_point_sources(
     )
 
 
-def compile_kernels() -> float:
-    """Run the compiled Gaussian fits once on a small synthetic image, so that their JIT
-    compilation (or the load of its on-disk cache) happens now and not inside the first
-    extraction; returns the seconds it took."""
-    import time
-
-    t0 = time.perf_counter()
-    yy, xx = np.mgrid[0:40, 0:40]
-    x0 = np.array([12.3, 14.9, 27.6, 20.0, 30.2])
-    y0 = np.array([11.8, 13.1, 26.4, 30.5, 9.7])
-    flux = np.array([100.0, 60.0, 80.0, 50.0, 70.0])
-    image = sum(f / (2 * np.pi * 1.2**2) * np.exp(-((xx - a) ** 2 + (yy - b) ** 2) / 2.88)
-                for a, b, f in zip(x0, y0, flux, strict=True))
-    weight = np.ones((40, 40))
-    fit_common_fwhm(image, weight, x0=x0, y0=y0, flux0=flux, fwhm_px=2.5, half_size=5,
-                    reject_factor=5.0)
-    fit_point_sources(image, weight, x0=x0 + 0.3, y0=y0 - 0.2, flux0=flux, fwhm_px=2.8)
-    return time.perf_counter() - t0
-
-
 def _stamp_groups(weight: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int) -> np.ndarray:
     """Group of each stamp: stamps (half-size h, centred on the integer pixels cx, cy) that
     share a weighted pixel are in one group (connected components)."""

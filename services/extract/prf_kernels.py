@@ -16,34 +16,24 @@ separable Gaussian is evaluated once per stamp row and column (erf at the pixel 
 
 The JIT compilation (~20 s on the 2-core bench machine) is cached on disk: the first call in
 a fresh checkout compiles, later processes load the machine code (~0.4 s). Set
-NUMBA_CACHE_DIR where the package directory is read-only; `prf.compile_kernels` compiles (or
+NUMBA_CACHE_DIR where the package directory is read-only; `jit.compile_kernels` compiles (or
 loads) them ahead of the first extraction.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
-from numba import njit
+
+from services.extract.jit import kernel
 
 _SQRT2 = math.sqrt(2.0)
 _SQRT2PI = math.sqrt(2.0 * math.pi)
 _SQRTPI = math.sqrt(math.pi)
 
 
-def _kernel(fn: Callable[..., Any]) -> Any:
-    """numba nopython, GIL released, machine code cached on disk; where no cache directory is
-    writable (a read-only root file system without NUMBA_CACHE_DIR), compiled per process."""
-    try:
-        return njit(cache=True, nogil=True)(fn)
-    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
-        return njit(nogil=True)(fn)
-
-
-@_kernel
+@kernel
 def _profile_1d(first_offset: float, size: int, sigma: float, g: np.ndarray, dg: np.ndarray,
                 ds: np.ndarray, with_sigma: bool) -> None:
     """Pixel-integrated unit Gaussian on `size` consecutive pixels, the first at
@@ -64,7 +54,7 @@ def _profile_1d(first_offset: float, size: int, sigma: float, g: np.ndarray, dg:
         t0, e0, q0 = t1, e1, q1
 
 
-@_kernel
+@kernel
 def _profiles(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int, sigma: float,
               xs: np.ndarray, ys: np.ndarray, with_sigma: bool) -> tuple[
                   np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -86,13 +76,13 @@ def _profiles(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int, sigma: fl
     return gx, gy, dgx, dgy, sx, sy
 
 
-@_kernel
+@kernel
 def _span(c: int, h: int, lo: int, hi: int) -> tuple[int, int]:
     """Image rows (or columns) of a stamp centred on c, clipped to [lo, hi]."""
     return max(c - h, lo), min(c + h, hi)
 
 
-@_kernel
+@kernel
 def _add_separable(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int, flux: np.ndarray,
                    gy: np.ndarray, gx: np.ndarray, bx0: int, by0: int, out: np.ndarray) -> None:
     """Add flux x gy (rows) x gx (columns) of each source's stamp to the bounding box `out`."""
@@ -108,7 +98,7 @@ def _add_separable(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int, flux
                 out[r - by0, c - bx0] += fy * gx[a, c - cx[s] + h]
 
 
-@_kernel
+@kernel
 def _model(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int, flux: np.ndarray,
            gx: np.ndarray, gy: np.ndarray, bx0: int, by0: int, out: np.ndarray) -> None:
     """Sum of the group's sources on its bounding box (out, zeroed here)."""
@@ -116,7 +106,7 @@ def _model(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int, flux: np.nda
     _add_separable(mem, cx, cy, h, flux, gy, gx, bx0, by0, out)
 
 
-@_kernel
+@kernel
 def _chi2(wl: np.ndarray, dl: np.ndarray, model: np.ndarray) -> float:
     total = 0.0
     nyb, nxb = wl.shape
@@ -129,7 +119,7 @@ def _chi2(wl: np.ndarray, dl: np.ndarray, model: np.ndarray) -> float:
     return total
 
 
-@_kernel
+@kernel
 def _normal_equations(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int,
                       flux: np.ndarray, gx: np.ndarray, gy: np.ndarray, dgx: np.ndarray,
                       dgy: np.ndarray, wl: np.ndarray, dl: np.ndarray, model: np.ndarray,
@@ -196,7 +186,7 @@ def _normal_equations(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int,
     return hm, grad
 
 
-@_kernel
+@kernel
 def _cholesky_solve(m: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, bool]:
     """Solve m x = rhs (rhs (d, q)) for a symmetric positive definite m; (x, False) when m is
     not positive definite."""
@@ -230,7 +220,7 @@ def _cholesky_solve(m: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, bool]:
     return x, True
 
 
-@_kernel
+@kernel
 def _solve(m: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """m x = rhs for a symmetric m: Cholesky, else the pseudo-inverse (as `np.linalg.pinv`
     in the array code's fallback)."""
@@ -240,7 +230,7 @@ def _solve(m: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     return np.linalg.pinv(m) @ rhs
 
 
-@_kernel
+@kernel
 def _group_box(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int, image: np.ndarray,
                weight: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray]:
     """The group's bounding box (clipped to the image): origin, weights on its stamps' pixels
@@ -268,7 +258,7 @@ def _group_box(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int, image: n
     return bx0, by0, wl, dl
 
 
-@_kernel
+@kernel
 def _trial(x: np.ndarray, y: np.ndarray, flux: np.ndarray, step: np.ndarray, x0: np.ndarray,
            y0: np.ndarray, shift_max: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Parameters after a (flux, x, y) step: position steps capped at 0.5 px (trust region),
@@ -285,7 +275,7 @@ def _trial(x: np.ndarray, y: np.ndarray, flux: np.ndarray, step: np.ndarray, x0:
     return xn, yn, fn
 
 
-@_kernel
+@kernel
 def _fit_group(image: np.ndarray, weight: np.ndarray, mem: np.ndarray, cx: np.ndarray,
                cy: np.ndarray, h: int, sigma: float, x: np.ndarray, y: np.ndarray,
                flux: np.ndarray, xs0: np.ndarray, ys0: np.ndarray, shift_max: float,
@@ -367,7 +357,7 @@ def _fit_group(image: np.ndarray, weight: np.ndarray, mem: np.ndarray, cx: np.nd
     return moving
 
 
-@_kernel
+@kernel
 def fit_groups(image: np.ndarray, weight: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int,
                sigma: float, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
                xs0: np.ndarray, ys0: np.ndarray, order: np.ndarray, group_start: np.ndarray,
@@ -388,7 +378,7 @@ def fit_groups(image: np.ndarray, weight: np.ndarray, cx: np.ndarray, cy: np.nda
     return var, moving
 
 
-@_kernel
+@kernel
 def residual_and_chi2(image: np.ndarray, weight: np.ndarray, cx: np.ndarray, cy: np.ndarray,
                       h: int, sigma: float, x: np.ndarray, y: np.ndarray,
                       flux: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -420,7 +410,7 @@ def residual_and_chi2(image: np.ndarray, weight: np.ndarray, cx: np.ndarray, cy:
     return residual, chi2, npix
 
 
-@_kernel
+@kernel
 def shared_weighted_pixel(weight: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int,
                           pair_i: np.ndarray, pair_j: np.ndarray) -> np.ndarray:
     """Whether the stamps of each candidate pair share a pixel of non-zero weight."""
@@ -444,7 +434,7 @@ def shared_weighted_pixel(weight: np.ndarray, cx: np.ndarray, cy: np.ndarray, h:
     return out
 
 
-@_kernel
+@kernel
 def _model_dsigma(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int, flux: np.ndarray,
                   gx: np.ndarray, gy: np.ndarray, sx: np.ndarray, sy: np.ndarray, bx0: int,
                   by0: int, out: np.ndarray) -> None:
@@ -455,7 +445,7 @@ def _model_dsigma(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int, flux:
     _add_separable(mem, cx, cy, h, flux, gy, sx, bx0, by0, out)
 
 
-@_kernel
+@kernel
 def _sigma_terms(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int, flux: np.ndarray,
                  gx: np.ndarray, gy: np.ndarray, dgx: np.ndarray, dgy: np.ndarray,
                  wl: np.ndarray, dl: np.ndarray, model: np.ndarray, js: np.ndarray, bx0: int,
@@ -489,7 +479,7 @@ def _sigma_terms(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int, flux: 
     return couple, d_ss, g_s
 
 
-@_kernel
+@kernel
 def _groups_chi2(image: np.ndarray, weight: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int,
                  sigma: float, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
                  order: np.ndarray, group_start: np.ndarray) -> float:
@@ -505,7 +495,7 @@ def _groups_chi2(image: np.ndarray, weight: np.ndarray, cx: np.ndarray, cy: np.n
     return total
 
 
-@_kernel
+@kernel
 def fit_common_sigma(image: np.ndarray, weight: np.ndarray, cx: np.ndarray, cy: np.ndarray,
                      h: int, sigma: float, s_lo: float, s_hi: float, x: np.ndarray,
                      y: np.ndarray, flux: np.ndarray, order: np.ndarray,

@@ -75,7 +75,7 @@ class ExtractService(Service):
     config: ExtractConfig
 
     async def prepare(self, log: Any) -> None:
-        from services.extract.prf import compile_kernels
+        from services.extract.jit import compile_kernels
 
         # The PRF fits' compiled kernels: ~20 s to compile on a fresh install (then cached on
         # disk, ~0.4 s to load); done here so that no message waits for it.
