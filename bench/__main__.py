@@ -16,6 +16,8 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
+
 from bench import common
 from bench import extract_vs_sextractor as ext
 from bench import mosaic_vs_swarp as mos
@@ -122,6 +124,13 @@ def render(m: mos.MosaicBenchResult, e: ext.ExtractBenchResult, tauvex: str, *, 
                          f(ea.spurious_frac, ".3f"), str(ea.n_bright),
                          f(ea.flux_ratio_median, ".4f"), f(ea.flux_ratio_scatter, ".4f"),
                          f(ea.astrom_rms_arcsec, ".3f")]))
+    if e.paired_sep_s.size:
+        med, q1, q3 = e.paired_ratio
+        out += ["", f"Paired: {len(e.paired_sep_s)} alternating calls of skybus and sep "
+                f"(the 'sep' row's settings): skybus median "
+                f"{1e3 * float(np.median(e.paired_sep_s[:, 0])):.1f} ms, sep "
+                f"{1e3 * float(np.median(e.paired_sep_s[:, 1])):.1f} ms; skybus / sep per pair: "
+                f"median {med:.2f}, quartiles {q1:.2f}-{q3:.2f}."]
     out += ["", " ".join(e.notes), "",
             "Noise calibration: the peers get one global factor (above); on source-free "
             "pixels it differs between coverage deciles (factors above), but an error map "
@@ -137,7 +146,8 @@ def render(m: mos.MosaicBenchResult, e: ext.ExtractBenchResult, tauvex: str, *, 
             tauvex, "```", ""]
 
     r_sw = m.ratio
-    r_sep = e.ratio.get("sep", float("nan"))
+    # The goal is judged on the paired ratio (alternating calls), the table's medians beside it.
+    r_sep, q1_sep, q3_sep = e.paired_ratio
     # Against every SWarp configuration: the goal is met only if met against the fastest.
     best_sw = max(r_sw.values()) if r_sw else float("nan")
     out += [
@@ -148,7 +158,10 @@ def render(m: mos.MosaicBenchResult, e: ext.ExtractBenchResult, tauvex: str, *, 
         _row([f"mosaic: skybus / SWarp <= {GOAL_MOSAIC}",
               ", ".join(f"{k}: {v:.2f}" for k, v in r_sw.items()) or "SWarp missing",
               ("yes" if best_sw <= GOAL_MOSAIC else "no") if r_sw else "-"]),
-        _row([f"extract: skybus / sep <= {GOAL_SEP}", f(r_sep, ".2f"),
+        _row([f"extract: skybus / sep <= {GOAL_SEP}",
+              f"{f(r_sep, '.2f')} (median of {len(e.paired_sep_s)} alternating pairs, "
+              f"quartiles {f(q1_sep, '.2f')}-{f(q3_sep, '.2f')}; medians of the table: "
+              f"{f(e.ratio.get('sep', float('nan')), '.2f')})",
               "yes" if r_sep <= GOAL_SEP else "no"]),
         _row(["extract: skybus / SExtractor (reported)",
               f(e.ratio.get("SExtractor", float("nan")), ".2f"), "-"]),

@@ -15,6 +15,7 @@ import math
 import pstats
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from simulator import sky as skymod
 DETECT_SNR = 5.0
 #: Minimum connected pixels above threshold for sep / SExtractor.
 MINAREA = 3
+#: alternating skybus / sep calls for the paired ratio (each call takes ~40 ms)
+PAIRED_RUNS = 31
 #: sep's and SExtractor's cleaning of spurious detections in bright sources' wings. Off: on
 #: the bench mosaic (matched-filter detection, Gaussian PSF) sep's cleaning (clean_param 1)
 #: removes 49 of its 111 detections, every one a real source (none is spurious without it),
@@ -74,6 +77,17 @@ class ExtractBenchResult:
     skybus_profile_total_s: float = float("nan")
     #: sep's steps, timed one by one (median of the runs, no profiler)
     sep_phases: list[Phase] = field(default_factory=list)
+    #: (skybus s, sep s) of alternating calls, one row per pair
+    paired_sep_s: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+
+    @property
+    def paired_ratio(self) -> tuple[float, float, float]:
+        """Median and quartiles of skybus / sep over the alternating pairs."""
+        if not self.paired_sep_s.size:
+            return (float("nan"),) * 3
+        r = self.paired_sep_s[:, 0] / self.paired_sep_s[:, 1]
+        q1, med, q3 = np.percentile(r, [25, 50, 75])
+        return float(med), float(q1), float(q3)
 
     @property
     def ratio(self) -> dict[str, float]:
@@ -243,6 +257,17 @@ def run(mosaic: Mosaic, truth: Table, *, runs: int = 3, workdir: Path | None = N
     timings["sep"] = common.time_runs(run_sep, runs)
     cats["sep"] = timings["sep"].result  # type: ignore[assignment]
     say(f"sep: median {timings['sep'].median_s:.3f} s, {cats['sep'].x.size} sources")
+    # The machine is shared and its speed drifts within seconds: skybus and sep alternate,
+    # call by call, and the ratio of each pair is taken (both see the same machine state).
+    pairs = []
+    for _ in range(PAIRED_RUNS if runs > 1 else 1):
+        t0 = time.perf_counter()
+        run_skybus()
+        t1 = time.perf_counter()
+        run_sep()
+        pairs.append((t1 - t0, time.perf_counter() - t1))
+    paired = np.asarray(pairs)
+    say(f"paired skybus / sep: median {np.median(paired[:, 0] / paired[:, 1]):.2f}")
     timings["sep (err per coverage)"] = common.time_runs(lambda: run_sep(err_cov), runs)
     cats["sep (err per coverage)"] = timings["sep (err per coverage)"].result  # type: ignore[assignment]
     notes.append("sep (err per coverage): munc x the matched-filter calibration of each coverage "
@@ -359,7 +384,7 @@ def run(mosaic: Mosaic, truth: Table, *, runs: int = 3, workdir: Path | None = N
     return ExtractBenchResult(shape=mosaic.image.shape, timings=timings, accuracy=accuracy,
                               config=config, sextractor_version=version, notes=notes,
                               skybus_phases=sky_phases, skybus_profile_total_s=sky_total,
-                              sep_phases=sep_phases)
+                              sep_phases=sep_phases, paired_sep_s=paired)
 
 
 def _per_coverage_error(sub: np.ndarray, unc: np.ndarray, cov: np.ndarray, valid: np.ndarray,
