@@ -338,19 +338,33 @@ def test_band_merge_lends_a_diffraction_psf_to_an_untested_band():
     t24.meta.update({"FWHM": 5.9, "PRFMODEL": "obscured Airy", "PRFTEST": 20,
                      "PRFLAMD": mips.BANDS[1].lambda_over_d_arcsec, "PRFOBSC": 0.3,
                      "PRFBLUR": float(box)})
-    t70 = Table({c: np.zeros(0) for c in cols})
+    # The 70 um list detected four of them, with its Gaussian PRF: ~0.78 of the truth.
+    found = np.array([0, 5, 10, 15])
+    t70 = Table({c: np.asarray(v)[found] for c, v in cols.items()})
+    t70["flux"] = 0.78 * f70[found]
+    t70["delta_flux"] = np.full(found.size, 600.0)
     t70.meta.update({"FWHM": 18.0, "PRFMODEL": "Gaussian", "PRFTEST": 0})
     lent = bandmerge({"24um": t24, "70um": t70}, frames_by_band={"70um": frames})
-    assert lent.meta["ULPSFLNT"] == "70um"
+    assert lent.meta["ULPSFLNT"] == lent.meta["DFPSFLNT"] == "70um"
     t24.meta["PRFMODEL"] = "Gaussian"  # nothing to lend
     gauss = bandmerge({"24um": t24, "70um": t70}, frames_by_band={"70um": frames})
-    assert "ULPSFLNT" not in gauss.meta
-    r_lent = np.median(np.asarray(lent["flux_70um"]) / f70)
-    r_gauss = np.median(np.asarray(gauss["flux_70um"]) / f70)
-    print(f"70 um forced flux / true: lent diffraction PSF {r_lent:.3f}, Gaussian {r_gauss:.3f}")
+    assert "ULPSFLNT" not in gauss.meta and "DFPSFLNT" not in gauss.meta
+    for merged in (lent, gauss):
+        assert sorted(np.flatnonzero(merged["flag_70um"] == "D")) == sorted(found)
+    limits = lent["flag_70um"] == "U"
+    detected = lent["flag_70um"] == "D"
+    r_lent = np.median(np.asarray(lent["flux_70um"])[limits] / f70[limits])
+    r_gauss = np.median(np.asarray(gauss["flux_70um"])[limits] / f70[limits])
+    d_lent = np.median(np.asarray(lent["flux_70um"])[detected] / f70[detected])
+    d_gauss = np.median(np.asarray(gauss["flux_70um"])[detected] / f70[detected])
+    print(f"70 um forced flux / true: lent diffraction PSF {r_lent:.3f}, Gaussian {r_gauss:.3f}"
+          f"; detections: lent {d_lent:.3f}, the list's {d_gauss:.3f}")
     assert r_lent == pytest.approx(1.0, abs=0.03)
     assert r_gauss < 0.9
-    assert np.all(np.asarray(lent["ulim_70um"]) > f70)
+    assert np.all(np.asarray(lent["ulim_70um"])[limits] > f70[limits])
+    # The detections are measured again with the lent pattern; without one, the list's stay.
+    assert d_lent == pytest.approx(1.0, abs=0.03)
+    assert d_gauss == pytest.approx(0.78, abs=1e-9)
 
 
 def test_a_prf_file_is_read_once_per_version(tmp_path, monkeypatch):

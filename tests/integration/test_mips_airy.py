@@ -123,3 +123,40 @@ def test_upper_limits_hold_with_the_diffraction_psf(airy_run: PipelineRun) -> No
     print(f"70 um limits: {keep.sum()} rows, true < ulim for {below:.3f}")
     assert keep.sum() >= 5
     assert below >= 0.95
+
+
+@pytest.fixture(scope="module")
+def lent_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineRun]:
+    from simulator import mips as sim_mips
+
+    # A fainter sky: enough bright 24 um sources to choose the diffraction pattern, too few
+    # at 70 um (S/N >= 30) to test it there.
+    cfg = sim_mips.MipsAORConfig.small(psf="airy", n_sources=60, flux_24_min_ujy=300.0,
+                                       sky_half_arcsec=140.0, seed=778)
+    yield run_simulated_aor(cfg, tmp_path_factory.mktemp("mips_airy_lent"))
+
+
+def test_70um_detections_are_measured_with_the_lent_pattern(lent_run: PipelineRun) -> None:
+    """This AOR's 70 um band has too few bright sources to test its PSF (PRFTEST 0), so
+    its list keeps the Gaussian: fluxes ~0.8 of the truth on diffraction-limited data. 24 um
+    chose the diffraction pattern; band-merge measures the 70 um detections again on the BCDs
+    with it (meta DFPSFLNT): their merged fluxes are unbiased."""
+    truth = lent_run.sim.truth_sources  # type: ignore[attr-defined]
+    t70 = _table(lent_run, "sources", 2)
+    merged = _table(lent_run, "bandmerged")
+    assert _table(lent_run, "sources", 1).meta["PRFMODEL"] == "obscured Airy"
+    assert t70.meta["PRFTEST"] == 0 and t70.meta["PRFMODEL"] == "Gaussian"
+    assert merged.meta["DFPSFLNT"] == "70um"
+    radius = mips.BANDS[2].psf_fwhm_arcsec / 2
+    it, jl = _mutual_matches(t70, truth, radius)
+    rows = merged[merged["flag_70um"] == "D"]
+    im, jm = _mutual_matches(rows, truth, radius)
+    true_l = np.asarray(truth["flux_70_ujy"])[it]
+    true_m = np.asarray(truth["flux_70_ujy"])[im]
+    r_list = float(np.median(np.asarray(t70["flux"])[jl] / true_l))
+    r_merged = float(np.median(np.asarray(rows["flux_70um"])[jm] / true_m))
+    print(f"70 um detections, flux / true: list (Gaussian) {r_list:.3f} on {it.size}, "
+          f"band-merged (lent pattern) {r_merged:.3f} on {im.size}")
+    assert im.size >= 5
+    assert r_list < 0.9
+    assert r_merged == pytest.approx(1.0, abs=0.05)
