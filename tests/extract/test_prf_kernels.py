@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.extract import jit, prf
+from services.extract import jit, prf, prf_kernels
 from services.extract.photometry import estimate_fwhm_px
 from services.extract.prf import fit_common_fwhm, fit_point_sources
 
@@ -67,6 +67,21 @@ def test_compiled_fit_equals_array_fit(monkeypatch, seed):
                                                          fwhm_px=2.7))
     _assert_same_fit(a, b)
     assert a.n_in_group.max() >= 3  # the field has blends
+
+
+def test_compiled_fit_of_a_crowded_chain_equals_array(monkeypatch):
+    # 150 sources on 60x60 px: their stamps chain into blends of tens of sources, solved by
+    # LAPACK rather than the small-system loop (prf_kernels._SMALL_SYSTEM).
+    rng = np.random.default_rng(9)
+    x, y = rng.uniform(0.0, 60.0, 150), rng.uniform(0.0, 60.0, 150)
+    flux = rng.uniform(1.0, 20.0, 150)
+    img = render_sources((60, 60), x, y, flux, sigma_px=prf.sigma_from_fwhm(2.7), half_size=12)
+    img += rng.normal(0.0, 0.02, img.shape)
+    w = np.full(img.shape, 2500.0)
+    a, b = _both(monkeypatch, lambda: fit_point_sources(
+        img, w, x0=x + 0.3, y0=y - 0.2, flux0=flux, fwhm_px=2.7, max_iter=8))
+    assert 3 * a.n_in_group.max() > prf_kernels._SMALL_SYSTEM
+    _assert_same_fit(a, b)
 
 
 def test_compiled_refit_of_a_subset_equals_array(monkeypatch):
