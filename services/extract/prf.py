@@ -127,33 +127,15 @@ class TabulatedPrf:
         """The PRF on n square stamps of `size` pixels, and its derivatives with respect to the
         source position, each (n, size * size). The first stamp pixel lies at (first_dx,
         first_dy) (n,) from the source; `mask_x`, `mask_y` (n, size) zero the columns and rows
-        outside the image. One gather of the 4 x 4 interpolation taps of every stamp pixel:
-        within a stamp every pixel has the same sub-pixel phase, so the taps' weights are one
-        set per source."""
-        n = first_dx.size
-        k = self.oversample
-        tx = self._centre + k * np.asarray(first_dx, dtype=float)
-        ty = self._centre + k * np.asarray(first_dy, dtype=float)
-        bx, by = np.floor(tx), np.floor(ty)
-        wx, dwx = _keys_weights(tx - bx)
-        wy, dwy = _keys_weights(ty - by)
-        last = self._grid.shape[0] - 1
-        steps = k * np.arange(size)
-        taps = np.arange(-1, 3)
-        cols = np.clip(bx.astype(np.int64)[:, None, None] + taps[None, :, None]
-                       + steps[None, None, :], 0, last)  # (n, 4, size)
-        rows = np.clip(by.astype(np.int64)[:, None, None] + taps[None, :, None]
-                       + steps[None, None, :], 0, last)
-        g = self._grid[rows[:, :, :, None, None], cols[:, None, None, :, :]]  # (n,4,s,4,s)
-        along_x = np.einsum("nlamb,nm->nlab", g, wx)
-        dalong_x = np.einsum("nlamb,nm->nlab", g, dwx)
-        prof = np.einsum("nlab,nl->nab", along_x, wy)
-        # The pixel offset is (pixel - source): d/d(source x) = -oversample d/dt.
-        dprof_dx = -k * np.einsum("nlab,nl->nab", dalong_x, wy)
-        dprof_dy = -k * np.einsum("nlab,nl->nab", along_x, dwy)
-        mask = mask_y[:, :, None] * mask_x[:, None, :]
-        return ((prof * mask).reshape(n, -1), (dprof_dx * mask).reshape(n, -1),
-                (dprof_dy * mask).reshape(n, -1))
+        outside the image. Within a stamp every pixel has the same sub-pixel phase, so the 4 x 4
+        interpolation taps' weights are one set per source (`prf_kernels.tabulated_stamps`,
+        compiled)."""
+        return prf_kernels.tabulated_stamps(
+            self._grid, self._centre, self.oversample,
+            np.ascontiguousarray(first_dx, dtype=np.float64),
+            np.ascontiguousarray(first_dy, dtype=np.float64), int(size),
+            np.ascontiguousarray(mask_x, dtype=np.float64),
+            np.ascontiguousarray(mask_y, dtype=np.float64))
 
 
 @dataclass(frozen=True, slots=True)

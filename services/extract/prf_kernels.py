@@ -1,20 +1,21 @@
 """Compiled kernels of the Gaussian PRF fit (numba, nopython, GIL released).
 
 `prf.fit_point_sources` and `prf.fit_common_fwhm` with the pixel-integrated Gaussian PRF run
-here; the tabulated PRFs keep the vectorised numpy path of `prf.py`. The algorithm is the same
-as there (see `prf.py`): sources whose stamps share a weighted pixel form a group, each group is
-fitted on its own by Levenberg-Marquardt (flux, x, y per source; damping, step acceptance, trust
-region and stopping rules as in `prf._iterate_groups`), and the covariance is the inverse of the
-undamped normal matrix at the solution. Here a group is one pass of compiled loops over its
-stamps' pixels instead of batched array operations over all groups: a group's normal matrix,
-model and chi^2 are accumulated in place, without the stamp-sized temporaries the array code
-needs (measured on the bench mosaic: the fits were ~60 % of the extraction's time).
+here; the tabulated PRFs keep the vectorised numpy path of `prf.py`, with their stamps evaluated
+here (`tabulated_stamps`: the cubic-convolution interpolation, 3x faster). The algorithm is the
+same as there (see `prf.py`): sources whose stamps share a weighted pixel form a group, each
+group is fitted on its own by Levenberg-Marquardt (flux, x, y per source; damping, step
+acceptance, trust region and stopping rules as in `prf._iterate_groups`), and the covariance is
+the inverse of the undamped normal matrix at the solution. Here a group is one pass of compiled
+loops over its stamps' pixels instead of batched array operations over all groups: a group's
+normal matrix, model and chi^2 are accumulated in place, without the stamp-sized temporaries the
+array code needs (measured on the bench mosaic: the fits were ~60 % of the extraction's time).
 
 A group is worked on in its bounding box: `wl` holds the weights of the pixels of its stamps (0
 elsewhere, so a neighbouring group's pixels never count), `model` the sum of its sources. The
 separable Gaussian is evaluated once per stamp row and column (erf at the pixel edges).
 
-The JIT compilation (~20 s on the 2-core bench machine) is cached on disk: the first call in
+The JIT compilation (~30 s on the 2-core bench machine) is cached on disk: the first call in
 a fresh checkout compiles, later processes load the machine code (~0.4 s). Set
 NUMBA_CACHE_DIR where the package directory is read-only; `jit.compile_kernels` compiles (or
 loads) them ahead of the first extraction.
@@ -622,3 +623,68 @@ def fit_common_sigma(image: np.ndarray, weight: np.ndarray, cx: np.ndarray, cy: 
                     den += w * js * js
             step_s[s] = num / max(den, 1e-300)
     return sigma, step_s
+
+
+@kernel
+def _keys(t: float, w: np.ndarray, dw: np.ndarray) -> None:
+    """Cubic convolution (Keys, a = -0.5) weights of the samples at -1, 0, 1, 2 for the
+    fractional position t in [0, 1), and their derivatives in t (as `prf._keys_weights`)."""
+    t2 = t * t
+    t3 = t2 * t
+    w[0] = (-t3 + 2 * t2 - t) / 2
+    w[1] = (3 * t3 - 5 * t2 + 2) / 2
+    w[2] = (-3 * t3 + 4 * t2 + t) / 2
+    w[3] = (t3 - t2) / 2
+    dw[0] = (-3 * t2 + 4 * t - 1) / 2
+    dw[1] = (9 * t2 - 10 * t) / 2
+    dw[2] = (-9 * t2 + 8 * t + 1) / 2
+    dw[3] = (3 * t2 - 2 * t) / 2
+
+
+@kernel
+def tabulated_stamps(grid: np.ndarray, centre: int, oversample: int, first_dx: np.ndarray,
+                     first_dy: np.ndarray, size: int, mask_x: np.ndarray, mask_y: np.ndarray,
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`prf.TabulatedPrf.stamps`: the tabulated PRF (zero-padded `grid`, centre index
+    `centre`) on n stamps of size x size pixels, the first pixel at (first_dx, first_dy) from
+    the source, and its derivatives in the source's x and y; each (n, size * size), zero on
+    the masked rows and columns."""
+    n = first_dx.size
+    k = oversample
+    last = grid.shape[0] - 1
+    prof = np.zeros((n, size * size))
+    ddx = np.zeros((n, size * size))
+    ddy = np.zeros((n, size * size))
+    wx, dwx, wy, dwy = np.empty(4), np.empty(4), np.empty(4), np.empty(4)
+    for s in range(n):
+        tx = centre + k * first_dx[s]
+        ty = centre + k * first_dy[s]
+        bx, by = math.floor(tx), math.floor(ty)
+        _keys(tx - bx, wx, dwx)
+        _keys(ty - by, wy, dwy)
+        for a in range(size):
+            if mask_y[s, a] == 0.0:
+                continue
+            for b in range(size):
+                if mask_x[s, b] == 0.0:
+                    continue
+                m = mask_y[s, a] * mask_x[s, b]
+                p = 0.0
+                px = 0.0
+                py = 0.0
+                for li in range(4):
+                    row = min(max(by + li - 1 + k * a, 0), last)
+                    along = 0.0
+                    dalong = 0.0
+                    for mi in range(4):
+                        g = grid[row, min(max(bx + mi - 1 + k * b, 0), last)]
+                        along += g * wx[mi]
+                        dalong += g * dwx[mi]
+                    p += along * wy[li]
+                    px += dalong * wy[li]
+                    py += along * dwy[li]
+                # The pixel offset is (pixel - source): d/d(source x) = -oversample d/dt.
+                prof[s, a * size + b] = p * m
+                ddx[s, a * size + b] = -k * px * m
+                ddy[s, a * size + b] = -k * py * m
+    return prof, ddx, ddy

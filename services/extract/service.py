@@ -77,7 +77,7 @@ class ExtractService(Service):
     async def prepare(self, log: Any) -> None:
         from services.extract.jit import compile_kernels
 
-        # The PRF fits' compiled kernels: ~20 s to compile on a fresh install (then cached on
+        # The extraction's compiled kernels: ~30 s to compile on a fresh install (then cached on
         # disk, ~0.4 s to load); done here so that no message waits for it.
         log.info("prf_kernels_loading")
         seconds = await asyncio.to_thread(compile_kernels)

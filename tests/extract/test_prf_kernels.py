@@ -158,6 +158,7 @@ def test_compile_kernels_prepares_every_kernel():
         "from services.extract.jit import compile_kernels\n"
         "entries = [prf_kernels.fit_groups, prf_kernels.fit_common_sigma,\n"
         "           prf_kernels.residual_and_chi2, prf_kernels.shared_weighted_pixel,\n"
+        "           prf_kernels.tabulated_stamps,\n"
         "           background._clipped_sorted_rows, photometry._aperture_sums]\n"
         "assert not any(k.signatures for k in entries)\n"
         "seconds = compile_kernels()\n"

@@ -35,6 +35,14 @@ def test_tabulated_prf_derivatives_and_normalisation():
     off = np.arange(size)
     pt = prf.values(fx[0] + off[None, :], fy[0] + off[:, None])
     assert np.allclose(p[0].reshape(size, size), pt, rtol=0, atol=1e-15)
+    # Rows and columns outside the image (mask 0) are zero, the others unchanged.
+    mx, my = mask.copy(), mask.copy()
+    mx[0, :2] = 0.0
+    my[1, -3:] = 0.0
+    pm, dxm, dym = (a.reshape(2, size, size) for a in prf.stamps(fx, fy, size, mx, my))
+    keep = my[:, :, None] * mx[:, None, :]
+    for full, cut in ((p, pm), (dpx, dxm), (dpy, dym)):
+        np.testing.assert_array_equal(cut, full.reshape(2, size, size) * keep)
     # Lattice sums (the flux on the pixels of the grid) do not depend on the sub-pixel phase.
     lat = np.arange(-19, 20)
     sums = [prf.values(lat[None, :] + a, lat[:, None] + b).sum()
