@@ -2,7 +2,7 @@
 
 `prf.fit_point_sources` and `prf.fit_common_fwhm` with the pixel-integrated Gaussian PRF run
 here; the tabulated PRFs keep the vectorised numpy path of `prf.py`, with their stamps evaluated
-here (`tabulated_stamps`: the cubic-convolution interpolation, 3x faster). The algorithm is the
+here (`tabulated_stamps`: the cubic-convolution interpolation, ~7x faster). The algorithm is the
 same as there (see `prf.py`): sources whose stamps share a weighted pixel form a group, each
 group is fitted on its own by Levenberg-Marquardt (flux, x, y per source; damping, step
 acceptance, trust region and stopping rules as in `prf._iterate_groups`), and the covariance is
