@@ -288,6 +288,8 @@ def _fit_gaussian_compiled(
     tol_sigma: float, tol_chi2: float, max_iter: int, free: np.ndarray | None,
 ) -> PrfFit:
     """`fit_point_sources` with the Gaussian PRF, in the compiled kernels (`prf_kernels`)."""
+    # C-ordered, writable, native float64: one compiled specialisation serves every call.
+    image, weight = _kernel_array(image), _kernel_array(weight)
     group = _stamp_groups(weight, cx, cy, h)
     n_groups = int(group.max()) + 1
     counts = np.bincount(group, minlength=n_groups)
@@ -298,8 +300,6 @@ def _fit_gaussian_compiled(
     else:
         iterate = np.zeros(n_groups, dtype=bool)
         iterate[group[np.asarray(free, dtype=bool)]] = True
-    # C-ordered, writable, native float64: one compiled specialisation serves every call.
-    image, weight = _kernel_array(image), _kernel_array(weight)
     var, moving = prf_kernels.fit_groups(
         image, weight, cx, cy, h, sigma, x, y, flux, x.copy(), y.copy(), order, group_start,
         iterate, shift_max, tol_px, tol_sigma, tol_chi2, max_iter)
@@ -434,11 +434,12 @@ def fit_common_fwhm(
     shift_max = 0.75 * fwhm_px
     if _COMPILED:
         cx, cy = np.round(x).astype(np.int64), np.round(y).astype(np.int64)
-        group = _stamp_groups(weight, cx, cy, int(half_size))
+        image_k, weight_k = _kernel_array(image), _kernel_array(weight)
+        group = _stamp_groups(weight_k, cx, cy, int(half_size))
         order = np.argsort(group, kind="stable")
         group_start = np.concatenate([[0], np.cumsum(np.bincount(group))]).astype(np.int64)
         s, step_s = prf_kernels.fit_common_sigma(
-            _kernel_array(image), _kernel_array(weight), cx, cy, int(half_size),
+            image_k, weight_k, cx, cy, int(half_size),
             s, s_lo, s_hi, x, y, flux, order, group_start, shift_max, max_iter, tol)
         keep = _typical_width(step_s, s, reject_factor)
         if keep is not None:

@@ -132,13 +132,19 @@ def test_compiled_common_fwhm_equals_array_and_truth(monkeypatch):
 
 def test_read_only_and_big_endian_inputs(monkeypatch):
     img, w, _, _, _, (x0, y0, f0) = _crowded(7)
-    ref = fit_point_sources(img, w, x0=x0, y0=y0, flux0=f0, fwhm_px=2.7)
     ro = img.astype(">f8")
     ro.flags.writeable = False
-    w_ro = w.copy()
-    w_ro.flags.writeable = False
-    got = fit_point_sources(ro, w_ro, x0=x0, y0=y0, flux0=f0, fwhm_px=2.7)
-    _assert_same_fit(got, ref)
+    w_ro = w.astype(np.float32)  # float32, big-endian weights read from a FITS file
+    w_be = w_ro.astype(">f4")
+    w_be.flags.writeable = False
+    got = fit_point_sources(ro, w_be, x0=x0, y0=y0, flux0=f0, fwhm_px=2.7)
+    _assert_same_fit(got, fit_point_sources(img, w_ro.astype(float), x0=x0, y0=y0, flux0=f0,
+                                            fwhm_px=2.7))
+    # The common FWHM too.
+    assert fit_common_fwhm(ro, w_be, x0=x0[:20], y0=y0[:20], flux0=f0[:20], fwhm_px=2.5,
+                           half_size=6) == pytest.approx(
+        fit_common_fwhm(img, w, x0=x0[:20], y0=y0[:20], flux0=f0[:20], fwhm_px=2.5,
+                        half_size=6), rel=1e-6)
 
 
 def test_kernels_compile_without_a_cache_directory():
