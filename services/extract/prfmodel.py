@@ -71,9 +71,16 @@ def obscured_airy_prf(
     margin = k + math.ceil(4 * blur_s)
     half = math.ceil(radius_px * k)
     n = half + margin
-    off = np.arange(-n, n + 1) / k
+    # The pattern on one quadrant of the sample grid (the Bessel functions are most of the
+    # cost), mirrored onto the others: the same values as on the whole grid.
+    off = np.arange(0, n + 1) / k
     r = np.hypot(off[:, None], off[None, :])
-    psf = _obscured_airy(r / lambda_over_d_px, obscuration) / lambda_over_d_px**2  # per px^2
+    quadrant = _obscured_airy(r / lambda_over_d_px, obscuration) / lambda_over_d_px**2
+    psf = np.empty((2 * n + 1, 2 * n + 1))  # per px^2
+    psf[n:, n:] = quadrant
+    psf[n:, : n + 1] = quadrant[:, ::-1]
+    psf[: n + 1, n:] = quadrant[::-1, :]
+    psf[: n + 1, : n + 1] = quadrant[::-1, ::-1]
     # Pixel integration: the mean over the k x k samples spanning a pixel (midpoint rule).
     prf = ndimage.uniform_filter(psf, size=k, mode="constant")
     if blur_s > 0:
