@@ -2,8 +2,8 @@
 compilation.
 
 Kernels: the Gaussian PRF fits and the tabulated PRF's stamps (`prf_kernels`), the
-background mesh statistics
-(`background._clipped_sorted_rows`) and the exact apertures (`photometry._aperture_sums`).
+background mesh statistics (`background._clipped_sorted_rows`) and the exact apertures
+(`photometry._aperture_sums`).
 Compiling them takes ~30 s on the 2-core bench machine; the machine code is cached on disk
 (beside the sources, or in NUMBA_CACHE_DIR), so later processes load it in well under a
 second."""

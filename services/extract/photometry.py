@@ -113,15 +113,17 @@ def gaussian_aperture_correction(
 
 def prf_enclosed_fraction(prf: TabulatedPrf, radius_px: float) -> float:
     """Fraction of a tabulated PRF's total flux in an exact-overlap circular aperture of
-    `radius_px`, averaged over sub-pixel source positions (1 / the aperture correction)."""
+    `radius_px` (`aperture_fluxes` on the PRF itself), averaged over sub-pixel source
+    positions (1 / the aperture correction)."""
     h = math.ceil(radius_px) + 1
-    off = np.arange(-h, h + 1, dtype=float)
-    phases = np.array([[0.0, 0.0], [0.5, 0.0], [0.0, 0.5], [0.5, 0.5], [0.25, 0.25]])
-    dx = off[None, :] - phases[:, :1]  # (phases, side)
-    dy = off[None, :] - phases[:, 1:]
-    area = _circle_pixel_overlap(dx, dy, radius_px)  # (phases, side^2)
-    vals = prf.values(dx[:, None, :], dy[:, :, None]).reshape(area.shape)
-    return float(np.mean(np.sum(area * vals, axis=1)))
+    pix = np.arange(2 * h + 1, dtype=float)
+    fractions = []
+    for px, py in ((0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5), (0.25, 0.25)):
+        stamp = prf.values(pix[None, :] - (h + px), pix[:, None] - (h + py))
+        inside, _ = aperture_fluxes(stamp, np.zeros_like(stamp), x=np.array([h + px]),
+                                    y=np.array([h + py]), radius_px=radius_px)
+        fractions.append(float(inside[0]))
+    return float(np.mean(fractions))
 
 
 def vega_magnitude(
@@ -217,36 +219,6 @@ def _aperture_sums(image: np.ndarray, unc: np.ndarray, bad: np.ndarray, xs: np.n
         ap_sum[s] = total if overlap else np.nan  # as photutils: no overlap, no value
         ap_err[s] = math.sqrt(var) if overlap else np.nan
     return ap_sum, ap_err
-
-
-def _circle_pixel_overlap(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
-    """Exact area of overlap of a circle of radius r (centre at the origin) with the unit
-    pixels centred at column offsets dx (n, a) and row offsets dy (n, b); shape (n, b * a).
-
-    Inclusion-exclusion over the pixel corners of the signed quadrant area q(u, v) = area of
-    the circle within [0, u] x [0, v] (odd in u and in v)."""
-
-    def quadrant(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        a = np.minimum(np.abs(u), r)
-        b = np.minimum(np.abs(v), r)
-        # Past the circle's edge: the rectangle up to where row v meets the circle, plus the
-        # circular segment from there to u (integral of sqrt(r^2 - t^2)).
-        xc = np.sqrt(np.maximum(r * r - b * b, 0.0))
-        lo = np.minimum(xc, a)
-
-        def prim(t: np.ndarray) -> np.ndarray:
-            return 0.5 * (t * np.sqrt(np.maximum(r * r - t * t, 0.0)) + r * r * np.arcsin(t / r))
-
-        q = lo * b + prim(a) - prim(lo)
-        return np.sign(u) * np.sign(v) * q
-
-    # q at every pixel corner once: a corner is shared by up to four pixels. Offsets of the
-    # corners: one more than the pixels per axis, the last one the far edge of the last pixel.
-    ex = np.concatenate([dx - 0.5, dx[:, -1:] + 0.5], axis=1)[:, None, :]  # (n, 1, a + 1)
-    ey = np.concatenate([dy - 0.5, dy[:, -1:] + 0.5], axis=1)[:, :, None]  # (n, b + 1, 1)
-    q = quadrant(ex, ey)
-    area = q[:, 1:, 1:] - q[:, :-1, 1:] - q[:, 1:, :-1] + q[:, :-1, :-1]
-    return np.maximum(area, 0.0).reshape(dx.shape[0], -1)
 
 
 def estimate_fwhm_px(

@@ -269,17 +269,25 @@ def fit_point_sources(
     )
 
 
-def _stamp_groups(weight: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int) -> np.ndarray:
-    """Group of each stamp: stamps (half-size h, centred on the integer pixels cx, cy) that
-    share a weighted pixel are in one group (connected components)."""
+def _stamp_groups(weight: np.ndarray, cx: np.ndarray, cy: np.ndarray,
+                  h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The groups of the stamps (half-size h, centred on the integer pixels cx, cy): stamps
+    that share a weighted pixel are in one group (connected components). Returns each
+    stamp's group, the groups' sizes, and the stamps ordered by group with each group's start
+    in that order (n_groups + 1 entries), as the compiled kernels take them."""
     n = cx.size
     if n < 2:
-        return np.zeros(n, dtype=np.int64)
-    cand = cKDTree(np.column_stack([cx, cy])).query_pairs(2 * h + 0.5, p=np.inf,
-                                                          output_type="ndarray")
-    ci, cj = cand[:, 0].astype(np.int64), cand[:, 1].astype(np.int64)
-    share = prf_kernels.shared_weighted_pixel(weight, cx, cy, h, ci, cj)
-    return _connected_components(n, ci[share], cj[share])
+        group = np.zeros(n, dtype=np.int64)
+    else:
+        cand = cKDTree(np.column_stack([cx, cy])).query_pairs(2 * h + 0.5, p=np.inf,
+                                                              output_type="ndarray")
+        ci, cj = cand[:, 0].astype(np.int64), cand[:, 1].astype(np.int64)
+        share = prf_kernels.shared_weighted_pixel(weight, cx, cy, h, ci, cj)
+        group = _connected_components(n, ci[share], cj[share])
+    counts = np.bincount(group)
+    order = np.argsort(group, kind="stable")
+    group_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return group, counts, order, group_start
 
 
 def _fit_gaussian_compiled(
@@ -290,15 +298,11 @@ def _fit_gaussian_compiled(
     """`fit_point_sources` with the Gaussian PRF, in the compiled kernels (`prf_kernels`)."""
     # C-ordered, writable, native float64: one compiled specialisation serves every call.
     image, weight = _kernel_array(image), _kernel_array(weight)
-    group = _stamp_groups(weight, cx, cy, h)
-    n_groups = int(group.max()) + 1
-    counts = np.bincount(group, minlength=n_groups)
-    order = np.argsort(group, kind="stable")
-    group_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    group, counts, order, group_start = _stamp_groups(weight, cx, cy, h)
     if free is None:
-        iterate = np.ones(n_groups, dtype=bool)
+        iterate = np.ones(counts.size, dtype=bool)
     else:
-        iterate = np.zeros(n_groups, dtype=bool)
+        iterate = np.zeros(counts.size, dtype=bool)
         iterate[group[np.asarray(free, dtype=bool)]] = True
     var, moving = prf_kernels.fit_groups(
         image, weight, cx, cy, h, sigma, x, y, flux, x.copy(), y.copy(), order, group_start,
@@ -435,9 +439,7 @@ def fit_common_fwhm(
     if _COMPILED:
         cx, cy = np.round(x).astype(np.int64), np.round(y).astype(np.int64)
         image_k, weight_k = _kernel_array(image), _kernel_array(weight)
-        group = _stamp_groups(weight_k, cx, cy, int(half_size))
-        order = np.argsort(group, kind="stable")
-        group_start = np.concatenate([[0], np.cumsum(np.bincount(group))]).astype(np.int64)
+        _, _, order, group_start = _stamp_groups(weight_k, cx, cy, int(half_size))
         s, step_s = prf_kernels.fit_common_sigma(
             image_k, weight_k, cx, cy, int(half_size),
             s, s_lo, s_hi, x, y, flux, order, group_start, shift_max, max_iter, tol)

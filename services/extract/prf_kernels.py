@@ -400,13 +400,7 @@ def residual_and_chi2(image: np.ndarray, weight: np.ndarray, cx: np.ndarray, cy:
     residual = image.copy()
     everyone = np.arange(n)
     gx, gy, _, _, _, _ = _profiles(everyone, cx, cy, h, sigma, x, y, False)
-    for s in range(n):
-        r0, r1 = _span(cy[s], h, 0, ny - 1)
-        c0, c1 = _span(cx[s], h, 0, nx - 1)
-        for r in range(r0, r1 + 1):
-            fy = flux[s] * gy[s, r - cy[s] + h]
-            for c in range(c0, c1 + 1):
-                residual[r, c] -= fy * gx[s, c - cx[s] + h]
+    _add_separable(everyone, cx, cy, h, -flux, gy, gx, 0, 0, residual)  # the whole image
     chi2 = np.zeros(n)
     npix = np.zeros(n, dtype=np.int64)
     for s in range(n):
