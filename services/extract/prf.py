@@ -157,7 +157,7 @@ class PrfFit:
     group: np.ndarray  #: id of the set of sources whose stamps overlap (fitted jointly)
     n_in_group: np.ndarray  #: N_PS: number of point sources fitted jointly with this one
     converged: bool
-    residual: np.ndarray  #: image minus the fitted model (full frame)
+    residual: np.ndarray  #: image minus the fitted model (full frame; (0, 0) if not asked)
 
     @property
     def chi2_dof(self) -> np.ndarray:
@@ -181,6 +181,7 @@ def fit_point_sources(
     max_shift_px: float | None = None,
     free: np.ndarray | None = None,
     prf: TabulatedPrf | None = None,
+    with_residual: bool = True,
 ) -> PrfFit:
     """Fit flux and position of every source jointly with a pixel-integrated Gaussian PRF of
     `fwhm_px` (or the tabulated `prf`, whose fwhm_px should then be passed as `fwhm_px`: it
@@ -200,6 +201,8 @@ def fit_point_sources(
     `free` (boolean, per source) iterates only the groups holding a free source; the other
     groups keep their start values (e.g. a refit after adding sources, where only the groups
     receiving one change) but are part of the model, the residual and the outputs.
+    `with_residual=False` leaves `residual` empty (shape (0, 0)): a caller that only needs
+    the fitted values skips a copy of the whole image.
     """
     image = np.asarray(image, dtype=float)
     weight = np.asarray(weight, dtype=float)
@@ -221,7 +224,7 @@ def fit_point_sources(
         return _fit_gaussian_compiled(
             image, weight, x=x, y=y, flux=flux, cx=cx, cy=cy, h=h, sigma=sigma_from_fwhm(fwhm_px),
             shift_max=shift_max, tol_px=tol_px, tol_sigma=tol_sigma, tol_chi2=tol_chi2,
-            max_iter=max_iter, free=free)
+            max_iter=max_iter, free=free, with_residual=with_residual)
     st = _Stamps(image, weight, cx, cy, h)
     xs0, ys0 = x.copy(), y.copy()
     lam = np.full(n, 1e-3)  # Levenberg-Marquardt damping, per source (equal within a group)
@@ -250,8 +253,11 @@ def fit_point_sources(
     resid_u = st.data_u - total
     chi2_st = np.sum(st.w_st * resid_u[st.row] ** 2, axis=1)
     npix = np.sum(st.w_st > 0, axis=1)
-    residual = image.copy()
-    residual.ravel()[st.uniq] = resid_u
+    if with_residual:
+        residual = image.copy()
+        residual.ravel()[st.uniq] = resid_u
+    else:
+        residual = np.empty((0, 0))
     counts = np.bincount(st.group)
     return PrfFit(
         flux=flux,
@@ -294,6 +300,7 @@ def _fit_gaussian_compiled(
     image: np.ndarray, weight: np.ndarray, *, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
     cx: np.ndarray, cy: np.ndarray, h: int, sigma: float, shift_max: float, tol_px: float,
     tol_sigma: float, tol_chi2: float, max_iter: int, free: np.ndarray | None,
+    with_residual: bool,
 ) -> PrfFit:
     """`fit_point_sources` with the Gaussian PRF, in the compiled kernels (`prf_kernels`)."""
     # C-ordered, writable, native float64: one compiled specialisation serves every call.
@@ -312,7 +319,8 @@ def _fit_gaussian_compiled(
     return PrfFit(
         flux=flux, x=x, y=y, flux_err=np.sqrt(var[:, 0]), x_err=np.sqrt(var[:, 1]),
         y_err=np.sqrt(var[:, 2]), chi2=chi2, npix=npix, group=group,
-        n_in_group=counts[group], converged=not bool(np.any(moving)), residual=residual)
+        n_in_group=counts[group], converged=not bool(np.any(moving)),
+        residual=residual if with_residual else np.empty((0, 0)))
 
 
 def _kernel_array(a: np.ndarray) -> np.ndarray:

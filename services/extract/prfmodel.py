@@ -181,26 +181,43 @@ def choose_prf(
         return PrfChoice(None, int(cand.size), reason=f"fewer than {min_sources} bright "
                          f"sources (S/N >= {min_snr:g}) to compare PSF models on")
 
+    # The comparison is made ~60 times per choice, on a few dozen stamps of a mosaic that may
+    # have millions of pixels: the masked weights of each set of compared sources are made
+    # once, and the far rings are subtracted on the refit's stamp pixels alone (in `work`,
+    # whose other pixels no fit reads), never on the whole image.
+    work = image.copy()
+    masked_weights: dict[tuple[bool, bytes], tuple[np.ndarray, np.ndarray]] = {}
+
+    def compared_setup(compared: np.ndarray, neighbours: bool) -> tuple[np.ndarray,
+                                                                         np.ndarray]:
+        key = (neighbours, compared.tobytes())
+        if key not in masked_weights:
+            d_near = cKDTree(pos[compared]).query(pos, distance_upper_bound=2.0 * h)[0]
+            near = np.isfinite(d_near)
+            near[compared] = False
+            masked = near & ring_like if neighbours else near
+            w = _mask_discs(weight, x[masked], y[masked], 1.2 * fwhm_px)
+            masked_weights[key] = (w, np.concatenate([compared,
+                                                      np.flatnonzero(near & ~masked)]))
+        return masked_weights[key]
+
     def chi2_of(prf: TabulatedPrf | None, fwhm: float, compared: np.ndarray, *,
                 neighbours: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each compared source's chi^2, degrees of freedom and S/N under one model. The
         detections near them are fitted too, but the ring-like ones are masked (all of them,
         without `neighbours`)."""
-        d_near = cKDTree(pos[compared]).query(pos, distance_upper_bound=2.0 * h)[0]
-        near = np.isfinite(d_near)
-        near[compared] = False
-        masked = near & ring_like if neighbours else near
-        w = _mask_discs(weight, x[masked], y[masked], 1.2 * fwhm_px)
-        fitted = np.concatenate([compared, np.flatnonzero(near & ~masked)])
+        w, fitted = compared_setup(compared, neighbours)
         k = compared.size  # the compared sources come first
         fit = fit_point_sources(image, w, x0=x[fitted], y0=y[fitted], flux0=flux[fitted],
-                                fwhm_px=fwhm, half_size=h, prf=prf, max_iter=10)
+                                fwhm_px=fwhm, half_size=h, prf=prf, max_iter=10,
+                                with_residual=False)
         if prf is not None:
-            wings = wing_image(prf, x=fit.x, y=fit.y, flux=np.maximum(fit.flux, 0.0),
-                               shape=image.shape, core_half=h)
-            fit = fit_point_sources(image - wings, w, x0=fit.x, y0=fit.y,
-                                    flux0=fit.flux, fwhm_px=fwhm, half_size=h, prf=prf,
-                                    max_iter=10)
+            stamps = _stamp_pixels(fit.x, fit.y, h, image.shape)
+            work.ravel()[stamps] = image.ravel()[stamps] - wing_image(
+                prf, x=fit.x, y=fit.y, flux=np.maximum(fit.flux, 0.0), shape=image.shape,
+                core_half=h, pixels=stamps)
+            fit = fit_point_sources(work, w, x0=fit.x, y0=fit.y, flux0=fit.flux, fwhm_px=fwhm,
+                                    half_size=h, prf=prf, max_iter=10, with_residual=False)
         snr_fit = fit.flux[:k] / np.where(fit.flux_err[:k] > 0, fit.flux_err[:k], np.inf)
         return fit.chi2[:k], fit.npix[:k] - 3, snr_fit
 
@@ -332,14 +349,30 @@ def wing_image(
     flux: np.ndarray,
     shape: tuple[int, int],
     core_half: int,
+    pixels: np.ndarray | None = None,
 ) -> np.ndarray:
     """The sources' PRF beyond their fitting stamps: flux x PRF on the square of the PRF's
     radius around (round(x), round(y)), minus the central square of half-size `core_half`
-    (the stamp `fit_point_sources` fits there when started at these positions)."""
+    (the stamp `fit_point_sources` fits there when started at these positions).
+    With `pixels` (sorted, distinct flat indices), the image's values there alone, at the cost
+    of the sources' squares instead of the image's."""
     ny, nx = shape
-    out = np.zeros(ny * nx)
+    flat, vals = _wing_squares(prf, x, y, flux, shape, core_half)
+    if pixels is None:
+        return np.bincount(flat, weights=vals, minlength=ny * nx).reshape(shape)
+    at = np.searchsorted(pixels, flat)
+    hit = at < pixels.size
+    hit[hit] = pixels[at[hit]] == flat[hit]
+    return np.bincount(at[hit], weights=vals[hit], minlength=pixels.size)
+
+
+def _wing_squares(prf: TabulatedPrf, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
+                  shape: tuple[int, int], core_half: int) -> tuple[np.ndarray, np.ndarray]:
+    """(flat pixel index, value) of every non-zero pixel of the sources' wing squares (see
+    `wing_image`); a pixel appears once per source that reaches it."""
+    ny, nx = shape
     if x.size == 0:
-        return out.reshape(shape)
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
     r = math.ceil(prf.radius_px)
     size = 2 * r + 1
     cx = np.round(x).astype(np.int64)
@@ -354,8 +387,18 @@ def wing_image(
     flat = (np.clip(py, 0, ny - 1)[:, :, None] * nx + np.clip(px, 0, nx - 1)[:, None, :])
     vals = prof * flux[:, None, None]
     nz = vals != 0.0
-    out += np.bincount(flat[nz], weights=vals[nz], minlength=ny * nx)
-    return out.reshape(shape)
+    return flat[nz], vals[nz]
+
+
+def _stamp_pixels(x: np.ndarray, y: np.ndarray, half: int, shape: tuple[int, int]
+                  ) -> np.ndarray:
+    """Sorted distinct flat indices of the image pixels on the squares of half-size `half`
+    around (round(x), round(y))."""
+    ny, nx = shape
+    off = np.arange(-half, half + 1)
+    px = np.clip(np.round(x).astype(np.int64)[:, None] + off, 0, nx - 1)
+    py = np.clip(np.round(y).astype(np.int64)[:, None] + off, 0, ny - 1)
+    return np.unique(py[:, :, None] * nx + px[:, None, :])
 
 
 @dataclass(frozen=True)

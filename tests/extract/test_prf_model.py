@@ -10,7 +10,11 @@ from scipy.spatial import cKDTree
 from scipy.special import j0, j1
 
 from services.extract.photometry import extract_sources, prf_enclosed_fraction
-from services.extract.prfmodel import obscured_airy_prf
+from services.extract.prfmodel import (
+    _stamp_pixels,
+    obscured_airy_prf,
+    wing_image,
+)
 from tests.extract.synth import UJY_PER_MJYSR_ARCSEC2, render_airy_sources, tan_header
 
 PIX = 2.45  # arcsec, the MIPS 24 um mosaic pixel
@@ -48,6 +52,27 @@ def test_tabulated_prf_derivatives_and_normalisation():
     sums = [prf.values(lat[None, :] + a, lat[:, None] + b).sum()
             for a, b in [(0, 0), (0.5, 0), (0.3, -0.2), (0.5, 0.5)]]
     assert np.ptp(sums) < 2e-4
+
+
+def test_the_wing_image_on_the_pixels_asked_is_the_whole_images():
+    """The PSF-model comparison subtracts the rings on its stamps only: the values there are
+    the whole wing image's, sources cut by the edge included; the stamp pixels are the
+    squares a fit centred at the rounded positions reads."""
+    prf = obscured_airy_prf(lambda_over_d_px=2.3, obscuration=0.3, blur_fwhm_px=0.6,
+                            radius_px=15.0)
+    rng = np.random.default_rng(4)
+    shape = (70, 90)
+    x, y = rng.uniform(-2, 92, 12), rng.uniform(-2, 72, 12)
+    flux = rng.uniform(1.0, 100.0, 12)
+    full = wing_image(prf, x=x, y=y, flux=flux, shape=shape, core_half=4)
+    pixels = _stamp_pixels(x[:5], y[:5], 4, shape)
+    got = wing_image(prf, x=x, y=y, flux=flux, shape=shape, core_half=4, pixels=pixels)
+    np.testing.assert_array_equal(got, full.ravel()[pixels])
+    cx, cy = np.round(x[0]).astype(int), np.round(y[0]).astype(int)
+    square = {(j, i) for j in range(cy - 4, cy + 5) for i in range(cx - 4, cx + 5)
+              if 0 <= j < shape[0] and 0 <= i < shape[1]}
+    assert square <= {divmod(int(p), shape[1]) for p in pixels}
+    assert np.all(np.diff(pixels) > 0)
 
 
 def test_airy_encircled_energy_matches_the_analytic_formula():
