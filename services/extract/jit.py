@@ -1,7 +1,7 @@
 """The extraction's compiled kernels (numba): their decorator, and their ahead-of-use
 compilation.
 
-Kernels: the Gaussian PRF fits and the tabulated PRF's stamps (`prf_kernels`), the
+Kernels: the PRF fits and the tabulated PRF's stamps (`prf_kernels`), the
 background mesh statistics (`background._clipped_sorted_rows`) and the exact apertures
 (`photometry._aperture_sums`).
 Compiling them takes ~30 s on the 2-core bench machine; the machine code is cached on disk
@@ -35,6 +35,7 @@ def compile_kernels() -> float:
     from services.extract.background import estimate_background
     from services.extract.photometry import aperture_fluxes
     from services.extract.prf import fit_common_fwhm, fit_point_sources
+    from services.extract.prfmodel import wing_image
 
     t0 = time.perf_counter()
     yy, xx = np.mgrid[0:40, 0:40]
@@ -51,8 +52,11 @@ def compile_kernels() -> float:
 
     yo, xo = np.mgrid[-12:13, -12:13] / 3.0
     gauss = np.exp(-(xo**2 + yo**2) / 2.88)
-    fit_point_sources(image, weight, x0=x0, y0=y0, flux0=flux, fwhm_px=2.8,
-                      prf=TabulatedPrf(gauss / gauss.sum() * 9.0, oversample=3, name="warm-up"))
+    tabulated = TabulatedPrf(gauss / gauss.sum() * 9.0, oversample=3, name="warm-up")
+    fit_point_sources(image, weight, x0=x0, y0=y0, flux0=flux, fwhm_px=2.8, prf=tabulated)
+    for pixels in (None, np.arange(0, 1600, 7)):
+        wing_image(tabulated, x=x0, y=y0, flux=flux, shape=image.shape, core_half=2,
+                   pixels=pixels)
     estimate_background(image, box_px=10)
     aperture_fluxes(image, weight, x=x0, y=y0, radius_px=3.0, mask=weight == 0)
     aperture_fluxes(image, weight, x=x0, y=y0, radius_px=3.0)

@@ -27,7 +27,7 @@ from services.extract import prf_kernels
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 _SQRT2 = math.sqrt(2.0)
 _SQRT2PI = math.sqrt(2.0 * math.pi)
-_COMPILED = True  # the Gaussian fits in `prf_kernels` (False: the array code, for comparison)
+_COMPILED = True  # the PRF fits in `prf_kernels` (False: the array code, for comparison)
 
 
 def sigma_from_fwhm(fwhm: float) -> float:
@@ -137,6 +137,19 @@ class TabulatedPrf:
             np.ascontiguousarray(mask_x, dtype=np.float64),
             np.ascontiguousarray(mask_y, dtype=np.float64))
 
+    def add_squares(self, out: np.ndarray, *, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
+                    radius: int, core_half: int) -> None:
+        """Add flux x PRF to the image `out` (native float64, C-ordered) on each source's
+        square of half-size `radius` pixels around (round(x), round(y)), except on its
+        central square of half-size `core_half` (compiled: `prf_kernels.add_wings`)."""
+        def as_float(a: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(a, dtype=np.float64)
+
+        prf_kernels.add_wings(out, self._grid, self._centre, self.oversample, int(radius),
+                              int(core_half), np.round(x).astype(np.int64),
+                              np.round(y).astype(np.int64), as_float(x), as_float(y),
+                              as_float(flux))
+
 
 @dataclass(frozen=True, slots=True)
 class PrfFit:
@@ -220,9 +233,9 @@ def fit_point_sources(
 
     cx = np.round(x).astype(np.int64)
     cy = np.round(y).astype(np.int64)
-    if prf is None and _COMPILED:
-        return _fit_gaussian_compiled(
-            image, weight, x=x, y=y, flux=flux, cx=cx, cy=cy, h=h, sigma=sigma_from_fwhm(fwhm_px),
+    if _COMPILED:
+        return _fit_compiled(
+            image, weight, x=x, y=y, flux=flux, cx=cx, cy=cy, h=h, prf=shape,
             shift_max=shift_max, tol_px=tol_px, tol_sigma=tol_sigma, tol_chi2=tol_chi2,
             max_iter=max_iter, free=free, with_residual=with_residual)
     st = _Stamps(image, weight, cx, cy, h)
@@ -296,31 +309,36 @@ def _stamp_groups(weight: np.ndarray, cx: np.ndarray, cy: np.ndarray,
     return group, counts, order, group_start
 
 
-def _fit_gaussian_compiled(
+def _fit_compiled(
     image: np.ndarray, weight: np.ndarray, *, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
-    cx: np.ndarray, cy: np.ndarray, h: int, sigma: float, shift_max: float, tol_px: float,
+    cx: np.ndarray, cy: np.ndarray, h: int, prf: float | TabulatedPrf, shift_max: float,
+    tol_px: float,
     tol_sigma: float, tol_chi2: float, max_iter: int, free: np.ndarray | None,
     with_residual: bool,
 ) -> PrfFit:
-    """`fit_point_sources` with the Gaussian PRF, in the compiled kernels (`prf_kernels`)."""
+    """`fit_point_sources` in the compiled kernels (`prf_kernels`); `prf` is the Gaussian's
+    sigma (pixels) or the tabulated PRF."""
     # C-ordered, writable, native float64: one compiled specialisation serves every call.
     image, weight = _kernel_array(image), _kernel_array(weight)
+    if isinstance(prf, TabulatedPrf):
+        sigma, grid, centre, oversample = 0.0, prf._grid, prf._centre, prf.oversample
+    else:
+        sigma, grid, centre, oversample = prf, np.zeros((0, 0)), 0, 1
     group, counts, order, group_start = _stamp_groups(weight, cx, cy, h)
     if free is None:
         iterate = np.ones(counts.size, dtype=bool)
     else:
         iterate = np.zeros(counts.size, dtype=bool)
         iterate[group[np.asarray(free, dtype=bool)]] = True
-    var, moving = prf_kernels.fit_groups(
-        image, weight, cx, cy, h, sigma, x, y, flux, x.copy(), y.copy(), order, group_start,
-        iterate, shift_max, tol_px, tol_sigma, tol_chi2, max_iter)
-    residual, chi2, npix = prf_kernels.residual_and_chi2(image, weight, cx, cy, h, sigma, x, y,
-                                                         flux)
+    residual = image.copy() if with_residual else np.empty((0, 0))
+    var, moving, chi2, npix = prf_kernels.fit_groups(
+        image, weight, cx, cy, h, sigma, grid, centre, oversample, x, y, flux, x.copy(),
+        y.copy(), order, group_start, iterate, shift_max, tol_px, tol_sigma, tol_chi2, max_iter,
+        residual)
     return PrfFit(
         flux=flux, x=x, y=y, flux_err=np.sqrt(var[:, 0]), x_err=np.sqrt(var[:, 1]),
         y_err=np.sqrt(var[:, 2]), chi2=chi2, npix=npix, group=group,
-        n_in_group=counts[group], converged=not bool(np.any(moving)),
-        residual=residual if with_residual else np.empty((0, 0)))
+        n_in_group=counts[group], converged=not bool(np.any(moving)), residual=residual)
 
 
 def _kernel_array(a: np.ndarray) -> np.ndarray:

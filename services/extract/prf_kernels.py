@@ -1,9 +1,10 @@
-"""Compiled kernels of the Gaussian PRF fit (numba, nopython, GIL released).
+"""Compiled kernels of the PRF fits (numba, nopython, GIL released).
 
-`prf.fit_point_sources` and `prf.fit_common_fwhm` with the pixel-integrated Gaussian PRF run
-here; the tabulated PRFs keep the vectorised numpy path of `prf.py`, with their stamps evaluated
-here (`tabulated_stamps`: the cubic-convolution interpolation, ~7x faster). The algorithm is the
-same as there (see `prf.py`): sources whose stamps share a weighted pixel form a group, each
+`prf.fit_point_sources` (with the pixel-integrated Gaussian or a tabulated PRF) and
+`prf.fit_common_fwhm` (Gaussian) run here, as do the tabulated PRF's stamps
+(`tabulated_stamps`: the cubic-convolution interpolation) and the far wings the extraction
+subtracts (`add_wings`). The algorithm is the same as the vectorised numpy code of `prf.py`,
+kept as the tests' reference: sources whose stamps share a weighted pixel form a group, each
 group is fitted on its own by Levenberg-Marquardt (flux, x, y per source; damping, step
 acceptance, trust region and stopping rules as in `prf._iterate_groups`), and the covariance is
 the inverse of the undamped normal matrix at the solution. Here a group is one pass of compiled
@@ -13,7 +14,8 @@ array code needs (measured on the bench mosaic: the fits were ~60 % of the extra
 
 A group is worked on in its bounding box: `wl` holds the weights of the pixels of its stamps (0
 elsewhere, so a neighbouring group's pixels never count), `model` the sum of its sources. The
-separable Gaussian is evaluated once per stamp row and column (erf at the pixel edges).
+separable Gaussian is evaluated once per stamp row and column (erf at the pixel edges); a
+tabulated PRF once per stamp pixel (`_group_prf`).
 
 The JIT compilation (~30 s on the 2-core bench machine) is cached on disk: the first call in
 a fresh checkout compiles, later processes load the machine code (~0.4 s). Set
@@ -287,29 +289,140 @@ def _trial(x: np.ndarray, y: np.ndarray, flux: np.ndarray, step: np.ndarray, x0:
 
 
 @kernel
+def _group_prf(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int, sigma: float,
+               grid: np.ndarray, centre: int, oversample: int, xs: np.ndarray,
+               ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The group's PRF on its stamps. The Gaussian of `sigma` (empty `grid`): its row and
+    column factors (gx, gy, dgx, dgy), each (k, 2h+1). The tabulated PRF: its stamps and
+    their derivatives in x and y (prof, dprof/dx, dprof/dy, prof again), each
+    (k, (2h+1)^2)."""
+    if grid.shape[0] == 0:
+        gx, gy, dgx, dgy, _, _ = _profiles(mem, cx, cy, h, sigma, xs, ys, False)
+        return gx, gy, dgx, dgy
+    k = mem.size
+    size = 2 * h + 1
+    prof = np.zeros((k, size * size))
+    ddx = np.zeros((k, size * size))
+    ddy = np.zeros((k, size * size))
+    inside = np.ones(size)  # pixels off the image are never visited (`_span`)
+    for a in range(k):
+        s = mem[a]
+        _tabulated_stamp(grid, centre, oversample, cx[s] - h - xs[a], cy[s] - h - ys[a], size,
+                         inside, inside, prof[a], ddx[a], ddy[a])
+    return prof, ddx, ddy, prof
+
+
+@kernel
+def _add_model(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int, flux: np.ndarray,
+               prf: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tab: bool,
+               bx0: int, by0: int, out: np.ndarray) -> None:
+    """Add flux x PRF (from `_group_prf`) of each source's stamp to the bounding box `out`."""
+    if not tab:
+        _add_separable(mem, cx, cy, h, flux, prf[1], prf[0], bx0, by0, out)
+        return
+    nyb, nxb = out.shape
+    size = 2 * h + 1
+    stamps = prf[0]
+    for a in range(mem.size):
+        s = mem[a]
+        r0, r1 = _span(cy[s], h, by0, by0 + nyb - 1)
+        c0, c1 = _span(cx[s], h, bx0, bx0 + nxb - 1)
+        for r in range(r0, r1 + 1):
+            row = (r - cy[s] + h) * size - cx[s] + h
+            for c in range(c0, c1 + 1):
+                out[r - by0, c - bx0] += flux[a] * stamps[a, row + c]
+
+
+@kernel
+def _group_model(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int, flux: np.ndarray,
+                 prf: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tab: bool,
+                 bx0: int, by0: int, out: np.ndarray) -> None:
+    """Sum of the group's sources on its bounding box (out, zeroed here)."""
+    out[:, :] = 0.0
+    _add_model(mem, cx, cy, h, flux, prf, tab, bx0, by0, out)
+
+
+@kernel
+def _group_normal_equations(mem: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int,
+                            flux: np.ndarray,
+                            prf: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                            tab: bool, wl: np.ndarray, dl: np.ndarray, model: np.ndarray,
+                            bx0: int, by0: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_normal_equations` for the PRF of `_group_prf`. With the tabulated PRF the Jacobian's
+    three columns of a source at a pixel are (P, f dP/dx, f dP/dy) of its stamp."""
+    if not tab:
+        return _normal_equations(mem, cx, cy, h, flux, prf[0], prf[1], prf[2], prf[3], wl,
+                                 dl, model, bx0, by0)
+    k = mem.size
+    nyb, nxb = wl.shape
+    size = 2 * h + 1
+    hm = np.zeros((3 * k, 3 * k))
+    grad = np.zeros(3 * k)
+    blk = np.empty((3, 3))
+    for a in range(k):
+        sa = mem[a]
+        for b in range(a, k):
+            sb = mem[b]
+            if abs(cx[sa] - cx[sb]) > 2 * h or abs(cy[sa] - cy[sb]) > 2 * h:
+                continue
+            blk[:, :] = 0.0
+            r0 = max(max(cy[sa], cy[sb]) - h, by0)
+            r1 = min(min(cy[sa], cy[sb]) + h, by0 + nyb - 1)
+            c0 = max(max(cx[sa], cx[sb]) - h, bx0)
+            c1 = min(min(cx[sa], cx[sb]) + h, bx0 + nxb - 1)
+            for r in range(r0, r1 + 1):
+                qa = (r - cy[sa] + h) * size - cx[sa] + h
+                qb = (r - cy[sb] + h) * size - cx[sb] + h
+                for c in range(c0, c1 + 1):
+                    w = wl[r - by0, c - bx0]
+                    if w == 0.0:
+                        continue
+                    ja = (prf[0][a, qa + c], flux[a] * prf[1][a, qa + c],
+                          flux[a] * prf[2][a, qa + c])
+                    jb = (prf[0][b, qb + c], flux[b] * prf[1][b, qb + c],
+                          flux[b] * prf[2][b, qb + c])
+                    for i in range(3):
+                        for j in range(3):
+                            blk[i, j] += ja[i] * w * jb[j]
+                    if a == b:
+                        res = w * (dl[r - by0, c - bx0] - model[r - by0, c - bx0])
+                        for i in range(3):
+                            grad[3 * a + i] += ja[i] * res
+            hm[3 * a:3 * a + 3, 3 * b:3 * b + 3] = blk
+            hm[3 * b:3 * b + 3, 3 * a:3 * a + 3] = blk.T
+    return hm, grad
+
+
+@kernel
 def _fit_group(image: np.ndarray, weight: np.ndarray, mem: np.ndarray, cx: np.ndarray,
-               cy: np.ndarray, h: int, sigma: float, x: np.ndarray, y: np.ndarray,
-               flux: np.ndarray, xs0: np.ndarray, ys0: np.ndarray, shift_max: float,
-               tol_px: float, tol_sigma: float, tol_chi2: float, max_iter: int,
-               iterate: bool, var: np.ndarray) -> bool:
-    """Fit one group (sources `mem`) in place; writes its variances to `var`. Returns whether
-    the group was still moving after `max_iter` iterations."""
+               cy: np.ndarray, h: int, sigma: float, grid: np.ndarray, centre: int,
+               oversample: int, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
+               xs0: np.ndarray, ys0: np.ndarray, shift_max: float, tol_px: float,
+               tol_sigma: float, tol_chi2: float, max_iter: int, iterate: bool,
+               var: np.ndarray, chi2_st: np.ndarray, npix: np.ndarray,
+               residual: np.ndarray) -> bool:
+    """Fit one group (sources `mem`) in place; writes its variances to `var`, each stamp's
+    weighted squared residual and weighted pixel count to `chi2_st` and `npix`, and subtracts
+    its model from `residual` (unless that is empty). Returns whether the group was still
+    moving after `max_iter` iterations. The PRF: the Gaussian of `sigma`, or the tabulated
+    `grid` when it is not empty (see `_group_prf`)."""
     k = mem.size
     bx0, by0, wl, dl = _group_box(mem, cx, cy, h, image, weight)
     xs, ys, fs = x[mem].copy(), y[mem].copy(), flux[mem].copy()
     x0s, y0s = xs0[mem], ys0[mem]
     model = np.empty_like(wl)
     trial_model = np.empty_like(wl)
-    gx, gy, dgx, dgy, _, _ = _profiles(mem, cx, cy, h, sigma, xs, ys, False)
-    _model(mem, cx, cy, h, fs, gx, gy, bx0, by0, model)
+    tab = grid.shape[0] > 0
+    prf = _group_prf(mem, cx, cy, h, sigma, grid, centre, oversample, xs, ys)
+    _group_model(mem, cx, cy, h, fs, prf, tab, bx0, by0, model)
     chi2 = _chi2(wl, dl, model)
     lam = 1e-3
     moving = False
     if iterate:
         moving = True
         for _ in range(max_iter):
-            hm, grad = _normal_equations(mem, cx, cy, h, fs, gx, gy, dgx, dgy, wl, dl, model,
-                                         bx0, by0)
+            hm, grad = _group_normal_equations(mem, cx, cy, h, fs, prf, tab, wl, dl, model,
+                                               bx0, by0)
             d = 3 * k
             diag_safe = np.empty(d)
             extra_one = np.zeros(d)
@@ -325,8 +438,9 @@ def _fit_group(image: np.ndarray, weight: np.ndarray, mem: np.ndarray, cx: np.nd
                     m[i, i] += lam * diag_safe[i] + extra_one[i]
                 step = _solve(m, grad.reshape(d, 1))[:, 0]
                 xn, yn, fn = _trial(xs, ys, fs, step, x0s, y0s, shift_max)
-                pgx, pgy, pdgx, pdgy, _, _ = _profiles(mem, cx, cy, h, sigma, xn, yn, False)
-                _model(mem, cx, cy, h, fn, pgx, pgy, bx0, by0, trial_model)
+                trial_prf = _group_prf(mem, cx, cy, h, sigma, grid, centre, oversample, xn,
+                                       yn)
+                _group_model(mem, cx, cy, h, fn, trial_prf, tab, bx0, by0, trial_model)
                 cn = _chi2(wl, dl, trial_model)
                 if cn <= chi2 * (1.0 + 1e-12):
                     for a in range(k):
@@ -334,7 +448,7 @@ def _fit_group(image: np.ndarray, weight: np.ndarray, mem: np.ndarray, cx: np.nd
                             1.0 / diag_safe[3 * a + 1] + 1.0 / diag_safe[3 * a + 2]))
                         moved = max(moved, math.hypot(xn[a] - xs[a], yn[a] - ys[a]) / tol_src)
                     xs, ys, fs = xn, yn, fn
-                    gx, gy, dgx, dgy = pgx, pgy, pdgx, pdgy
+                    prf = trial_prf
                     model, trial_model = trial_model, model
                     gain = chi2 - cn
                     chi2 = cn
@@ -346,7 +460,7 @@ def _fit_group(image: np.ndarray, weight: np.ndarray, mem: np.ndarray, cx: np.nd
                 moving = False
                 break
     # Covariance: the undamped normal matrix at the solution.
-    hm, _ = _normal_equations(mem, cx, cy, h, fs, gx, gy, dgx, dgy, wl, dl, model, bx0, by0)
+    hm, _ = _group_normal_equations(mem, cx, cy, h, fs, prf, tab, wl, dl, model, bx0, by0)
     d = 3 * k
     ok = True
     for i in range(d):
@@ -355,6 +469,20 @@ def _fit_group(image: np.ndarray, weight: np.ndarray, mem: np.ndarray, cx: np.nd
     for a in range(k):
         s = mem[a]
         x[s], y[s], flux[s] = xs[a], ys[a], fs[a]
+    # Groups share no weighted pixel: on a stamp's weighted pixels, the group's model is the
+    # whole model.
+    nyb, nxb = wl.shape
+    for a in range(k):
+        s = mem[a]
+        r0, r1 = _span(cy[s], h, by0, by0 + nyb - 1)
+        c0, c1 = _span(cx[s], h, bx0, bx0 + nxb - 1)
+        for r in range(r0 - by0, r1 - by0 + 1):
+            for c in range(c0 - bx0, c1 - bx0 + 1):
+                if wl[r, c] > 0.0:
+                    chi2_st[s] += wl[r, c] * (dl[r, c] - model[r, c]) ** 2
+                    npix[s] += 1
+    if residual.size:
+        residual[by0:by0 + nyb, bx0:bx0 + nxb] -= model
     if not ok:
         for a in range(k):
             for i in range(3):
@@ -370,49 +498,32 @@ def _fit_group(image: np.ndarray, weight: np.ndarray, mem: np.ndarray, cx: np.nd
 
 @kernel
 def fit_groups(image: np.ndarray, weight: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int,
-               sigma: float, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
+               sigma: float, grid: np.ndarray, centre: int, oversample: int,
+               x: np.ndarray, y: np.ndarray, flux: np.ndarray,
                xs0: np.ndarray, ys0: np.ndarray, order: np.ndarray, group_start: np.ndarray,
                iterate: np.ndarray, shift_max: float, tol_px: float, tol_sigma: float,
-               tol_chi2: float, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+               tol_chi2: float, max_iter: int, residual: np.ndarray,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Fit every group (sources `order[group_start[g]:group_start[g + 1]]`, iterated where
-    `iterate[g]`); x, y, flux updated in place. Returns the variances (n, 3) of (flux, x, y)
-    and, per group, whether it was still moving after `max_iter` iterations."""
+    `iterate[g]`); x, y, flux updated in place, and the models subtracted from `residual`
+    (the image's copy, or an empty array when no residual is wanted). Returns the variances
+    (n, 3) of (flux, x, y); per group, whether it was still moving after `max_iter`
+    iterations; each stamp's weighted squared residual and number of weighted pixels. The
+    PRF is the Gaussian of `sigma`, or the zero-padded tabulated `grid` (centre index
+    `centre`, `oversample` samples per pixel) when it is not empty."""
     n = x.size
     var = np.empty((n, 3))
+    chi2_st = np.zeros(n)
+    npix = np.zeros(n, dtype=np.int64)
     n_groups = group_start.size - 1
     moving = np.zeros(n_groups, dtype=np.bool_)
     for g in range(n_groups):
         mem = order[group_start[g]:group_start[g + 1]]
-        moving[g] = _fit_group(image, weight, mem, cx, cy, h, sigma, x, y, flux, xs0, ys0,
-                               shift_max, tol_px, tol_sigma, tol_chi2, max_iter, iterate[g],
-                               var)
-    return var, moving
-
-
-@kernel
-def residual_and_chi2(image: np.ndarray, weight: np.ndarray, cx: np.ndarray, cy: np.ndarray,
-                      h: int, sigma: float, x: np.ndarray, y: np.ndarray,
-                      flux: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The image minus every source's model (on its stamp), and each stamp's weighted
-    squared residual and number of weighted pixels."""
-    ny, nx = image.shape
-    n = x.size
-    residual = image.copy()
-    everyone = np.arange(n)
-    gx, gy, _, _, _, _ = _profiles(everyone, cx, cy, h, sigma, x, y, False)
-    _add_separable(everyone, cx, cy, h, -flux, gy, gx, 0, 0, residual)  # the whole image
-    chi2 = np.zeros(n)
-    npix = np.zeros(n, dtype=np.int64)
-    for s in range(n):
-        r0, r1 = _span(cy[s], h, 0, ny - 1)
-        c0, c1 = _span(cx[s], h, 0, nx - 1)
-        for r in range(r0, r1 + 1):
-            for c in range(c0, c1 + 1):
-                w = weight[r, c]
-                if w > 0.0:
-                    chi2[s] += w * residual[r, c] ** 2
-                    npix[s] += 1
-    return residual, chi2, npix
+        moving[g] = _fit_group(image, weight, mem, cx, cy, h, sigma, grid, centre,
+                               oversample, x, y, flux, xs0, ys0, shift_max, tol_px, tol_sigma,
+                               tol_chi2, max_iter, iterate[g], var, chi2_st, npix,
+                               residual)
+    return var, moving, chi2_st, npix
 
 
 @kernel
@@ -636,6 +747,46 @@ def _keys(t: float, w: np.ndarray, dw: np.ndarray) -> None:
 
 
 @kernel
+def _tabulated_stamp(grid: np.ndarray, centre: int, oversample: int, first_dx: float,
+                     first_dy: float, size: int, mask_x: np.ndarray, mask_y: np.ndarray,
+                     prof: np.ndarray, ddx: np.ndarray, ddy: np.ndarray) -> None:
+    """One stamp of `tabulated_stamps` (rows of size * size values; masks of size)."""
+    k = oversample
+    last = grid.shape[0] - 1
+    wx, dwx, wy, dwy = np.empty(4), np.empty(4), np.empty(4), np.empty(4)
+    tx = centre + k * first_dx
+    ty = centre + k * first_dy
+    bx, by = math.floor(tx), math.floor(ty)
+    _keys(tx - bx, wx, dwx)
+    _keys(ty - by, wy, dwy)
+    for a in range(size):
+        if mask_y[a] == 0.0:
+            continue
+        for b in range(size):
+            if mask_x[b] == 0.0:
+                continue
+            m = mask_y[a] * mask_x[b]
+            p = 0.0
+            px = 0.0
+            py = 0.0
+            for li in range(4):
+                row = min(max(by + li - 1 + k * a, 0), last)
+                along = 0.0
+                dalong = 0.0
+                for mi in range(4):
+                    g = grid[row, min(max(bx + mi - 1 + k * b, 0), last)]
+                    along += g * wx[mi]
+                    dalong += g * dwx[mi]
+                p += along * wy[li]
+                px += dalong * wy[li]
+                py += along * dwy[li]
+            # The pixel offset is (pixel - source): d/d(source x) = -oversample d/dt.
+            prof[a * size + b] = p * m
+            ddx[a * size + b] = -k * px * m
+            ddy[a * size + b] = -k * py * m
+
+
+@kernel
 def tabulated_stamps(grid: np.ndarray, centre: int, oversample: int, first_dx: np.ndarray,
                      first_dy: np.ndarray, size: int, mask_x: np.ndarray, mask_y: np.ndarray,
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -644,41 +795,38 @@ def tabulated_stamps(grid: np.ndarray, centre: int, oversample: int, first_dx: n
     the source, and its derivatives in the source's x and y; each (n, size * size), zero on
     the masked rows and columns."""
     n = first_dx.size
-    k = oversample
-    last = grid.shape[0] - 1
     prof = np.zeros((n, size * size))
     ddx = np.zeros((n, size * size))
     ddy = np.zeros((n, size * size))
-    wx, dwx, wy, dwy = np.empty(4), np.empty(4), np.empty(4), np.empty(4)
     for s in range(n):
-        tx = centre + k * first_dx[s]
-        ty = centre + k * first_dy[s]
-        bx, by = math.floor(tx), math.floor(ty)
-        _keys(tx - bx, wx, dwx)
-        _keys(ty - by, wy, dwy)
-        for a in range(size):
-            if mask_y[s, a] == 0.0:
-                continue
-            for b in range(size):
-                if mask_x[s, b] == 0.0:
-                    continue
-                m = mask_y[s, a] * mask_x[s, b]
-                p = 0.0
-                px = 0.0
-                py = 0.0
-                for li in range(4):
-                    row = min(max(by + li - 1 + k * a, 0), last)
-                    along = 0.0
-                    dalong = 0.0
-                    for mi in range(4):
-                        g = grid[row, min(max(bx + mi - 1 + k * b, 0), last)]
-                        along += g * wx[mi]
-                        dalong += g * dwx[mi]
-                    p += along * wy[li]
-                    px += dalong * wy[li]
-                    py += along * dwy[li]
-                # The pixel offset is (pixel - source): d/d(source x) = -oversample d/dt.
-                prof[s, a * size + b] = p * m
-                ddx[s, a * size + b] = -k * px * m
-                ddy[s, a * size + b] = -k * py * m
+        _tabulated_stamp(grid, centre, oversample, first_dx[s], first_dy[s], size, mask_x[s],
+                         mask_y[s], prof[s], ddx[s], ddy[s])
     return prof, ddx, ddy
+
+
+@kernel
+def add_wings(out: np.ndarray, grid: np.ndarray, centre: int, oversample: int, radius: int,
+              core_half: int, cx: np.ndarray, cy: np.ndarray, x: np.ndarray, y: np.ndarray,
+              flux: np.ndarray) -> None:
+    """Add flux x the tabulated PRF (as `tabulated_stamps`) on each source's square of
+    half-size `radius` around the pixel (cx, cy) to `out`, except on its central square of
+    half-size `core_half`; pixels off the image are skipped."""
+    ny, nx = out.shape
+    size = 2 * radius + 1
+    prof = np.zeros(size * size)
+    ddx = np.zeros(size * size)
+    ddy = np.zeros(size * size)
+    inside = np.ones(size)
+    for s in range(x.size):
+        _tabulated_stamp(grid, centre, oversample, cx[s] - radius - x[s], cy[s] - radius - y[s],
+                         size, inside, inside, prof, ddx, ddy)
+        for a in range(size):
+            row = cy[s] - radius + a
+            if row < 0 or row >= ny:
+                continue
+            core_row = abs(a - radius) <= core_half
+            for b in range(size):
+                col = cx[s] - radius + b
+                if col < 0 or col >= nx or (core_row and abs(b - radius) <= core_half):
+                    continue
+                out[row, col] += prof[a * size + b] * flux[s]

@@ -356,10 +356,12 @@ def wing_image(
     (the stamp `fit_point_sources` fits there when started at these positions).
     With `pixels` (sorted, distinct flat indices), the image's values there alone, at the cost
     of the sources' squares instead of the image's."""
-    ny, nx = shape
-    flat, vals = _wing_squares(prf, x, y, flux, shape, core_half)
     if pixels is None:
-        return np.bincount(flat, weights=vals, minlength=ny * nx).reshape(shape)
+        out = np.zeros(shape)
+        prf.add_squares(out, x=x, y=y, flux=flux, radius=math.ceil(prf.radius_px),
+                        core_half=core_half)
+        return out
+    flat, vals = _wing_squares(prf, x, y, flux, shape, core_half)
     at = np.searchsorted(pixels, flat)
     hit = at < pixels.size
     hit[hit] = pixels[at[hit]] == flat[hit]

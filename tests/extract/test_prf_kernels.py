@@ -1,4 +1,5 @@
-"""The compiled Gaussian PRF fits (`prf_kernels`) against the array code they replace.
+"""The compiled PRF fits (`prf_kernels`; the Gaussian and the tabulated PRFs) against the
+array code they replace.
 
 The array code (`prf._COMPILED = False`) is the reference: both implement the same
 Levenberg-Marquardt fit, so on the same inputs they must agree to rounding, on the hard cases
@@ -18,6 +19,7 @@ import pytest
 from services.extract import jit, prf, prf_kernels
 from services.extract.photometry import estimate_fwhm_px
 from services.extract.prf import fit_common_fwhm, fit_point_sources
+from services.extract.prfmodel import obscured_airy_prf
 
 from .synth import render_sources
 
@@ -60,13 +62,30 @@ def _assert_same_fit(a: prf.PrfFit, b: prf.PrfFit) -> None:
     assert a.converged == b.converged
 
 
+#: A tabulated PRF of about the crowded field's width: an obscured, blurred Airy pattern.
+AIRY = obscured_airy_prf(lambda_over_d_px=2.6, obscuration=0.3, blur_fwhm_px=0.5,
+                         radius_px=12.0)
+
+
+@pytest.mark.parametrize("tabulated", [None, AIRY], ids=["gaussian", "airy"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_compiled_fit_equals_array_fit(monkeypatch, seed):
+def test_compiled_fit_equals_array_fit(monkeypatch, seed, tabulated):
     img, w, _, _, _, (x0, y0, f0) = _crowded(seed)
     a, b = _both(monkeypatch, lambda: fit_point_sources(img, w, x0=x0, y0=y0, flux0=f0,
-                                                         fwhm_px=2.7))
+                                                         fwhm_px=2.7, prf=tabulated))
     _assert_same_fit(a, b)
     assert a.n_in_group.max() >= 3  # the field has blends
+
+
+def test_a_fit_without_its_residual_image_is_the_same_fit():
+    img, w, _, _, _, (x0, y0, f0) = _crowded(8)
+    for tabulated in (None, AIRY):
+        full = fit_point_sources(img, w, x0=x0, y0=y0, flux0=f0, fwhm_px=2.7, prf=tabulated)
+        bare = fit_point_sources(img, w, x0=x0, y0=y0, flux0=f0, fwhm_px=2.7, prf=tabulated,
+                                 with_residual=False)
+        assert bare.residual.shape == (0, 0)
+        for name in ("flux", "x", "y", "flux_err", "chi2", "npix"):
+            np.testing.assert_array_equal(getattr(bare, name), getattr(full, name))
 
 
 def test_compiled_fit_of_a_crowded_chain_equals_array(monkeypatch):
@@ -84,12 +103,14 @@ def test_compiled_fit_of_a_crowded_chain_equals_array(monkeypatch):
     _assert_same_fit(a, b)
 
 
-def test_compiled_refit_of_a_subset_equals_array(monkeypatch):
+@pytest.mark.parametrize("tabulated", [None, AIRY], ids=["gaussian", "airy"])
+def test_compiled_refit_of_a_subset_equals_array(monkeypatch, tabulated):
     img, w, _, _, _, (x0, y0, f0) = _crowded(4)
     free = np.zeros(x0.size, dtype=bool)
     free[::7] = True
     a, b = _both(monkeypatch, lambda: fit_point_sources(
-        img, w, x0=x0, y0=y0, flux0=f0, fwhm_px=2.7, free=free, max_iter=4, half_size=5))
+        img, w, x0=x0, y0=y0, flux0=f0, fwhm_px=2.7, free=free, max_iter=4, half_size=5,
+        prf=tabulated))
     _assert_same_fit(a, b)
     # Groups without a free source keep their start values.
     still = ~np.isin(a.group, a.group[free])
@@ -163,13 +184,15 @@ def test_compile_kernels_prepares_every_kernel():
         "from services.extract import background, photometry, prf_kernels\n"
         "from services.extract.jit import compile_kernels\n"
         "entries = [prf_kernels.fit_groups, prf_kernels.fit_common_sigma,\n"
-        "           prf_kernels.residual_and_chi2, prf_kernels.shared_weighted_pixel,\n"
-        "           prf_kernels.tabulated_stamps,\n"
+        "           prf_kernels.shared_weighted_pixel,\n"
+        "           prf_kernels.tabulated_stamps, prf_kernels.add_wings,\n"
         "           background._clipped_sorted_rows, photometry._aperture_sums]\n"
         "assert not any(k.signatures for k in entries)\n"
         "seconds = compile_kernels()\n"
         "missing = [k.__name__ for k in entries if not k.signatures]\n"
         "assert not missing, missing\n"
+        "# one specialisation each: an extraction with either PRF meets compiled code\n"
+        "assert all(len(k.signatures) == 1 for k in entries), [k.signatures for k in entries]\n"
         "print(seconds)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
