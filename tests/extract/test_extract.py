@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from services.extract import ExtractionError, extract_sources
+from services.extract import ExtractionError, background, extract_sources
 from services.extract.background import BackgroundError, estimate_background
 from services.extract.photometry import gaussian_aperture_correction
 
@@ -195,6 +195,20 @@ def test_background_recovers_smooth_sky():
     # Per-pixel noise is 0.03/sqrt(4..12) ~ 0.01 MJy/sr; the sky is good to a tenth of that.
     assert np.sqrt(np.mean((bkg - true) ** 2)) < 0.002
     assert np.median(rms) == pytest.approx(np.median(m.unc), rel=0.2)
+
+
+def test_background_of_a_large_mosaic_recovers_smooth_sky():
+    # 1400 x 1300 pixels: the mesh's interpolation to every pixel is one threaded product
+    # there (background._BLOCKED_MAX), not the single-threaded blocks of small mosaics.
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:1400, 0:1300]
+    true = 20.0 * (1 + 0.01 * (xx / 1300) + 0.005 * np.sin(yy / 1400 * 3.0))
+    bkg, rms = estimate_background(true + rng.normal(0.0, 0.01, true.shape), box_px=32)
+    assert background._BLOCKED_MAX < 1400 * 46 * 1300
+    assert np.sqrt(np.mean((bkg - true) ** 2)) < 0.001
+    assert np.median(rms) == pytest.approx(0.01, rel=0.05)
+    a, b = rng.random((900, 30)), rng.random((30, 700))  # below it: blocks, same product
+    np.testing.assert_allclose(background._single_thread_matmul(a, b), a @ b, rtol=1e-12)
 
 
 def test_without_unc_map_uses_background_rms():
