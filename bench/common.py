@@ -75,21 +75,44 @@ def tool_path(name: str) -> str | None:
     return shutil.which(name)
 
 
-def aor_config(quick: bool) -> simmips.MipsAORConfig:
+def aor_config(quick: bool, *, psf: str = "gaussian") -> simmips.MipsAORConfig:
     """The benchmark AOR: 24 um only. Full: a 4x4 raster (100" steps) x 13 dithers = 208 DCEs
-    (192 after DCENUM 0 is dropped) over ~12'x12', 450 sources. Quick: 2x2 x 4 = 16 DCEs."""
+    (192 after DCENUM 0 is dropped) over ~12'x12', 450 sources. Quick: 2x2 x 4 = 16 DCEs.
+    `psf`: the simulator's optics, "gaussian" (the band's FWHM) or "airy" (the telescope's
+    diffraction pattern, the PSF real MIPS data have)."""
     if quick:
         raster = tuple((x, y) for y in (-40.0, 40.0) for x in (-40.0, 40.0))
         return simmips.MipsAORConfig(
             aorkey=16180339, channels=(1,), raster_24=raster, n_dither_24=4, n_sources=80,
             sky_half_arcsec=200.0, exptime_24_s=3.0, count_slope=0.7, flux_24_min_ujy=70.0,
+            psf=psf,
         )  # fmt: skip
     steps = (-150.0, -50.0, 50.0, 150.0)
     raster = tuple((x, y) for y in steps for x in steps)
     return simmips.MipsAORConfig(
         aorkey=27182818, channels=(1,), raster_24=raster, n_dither_24=13, n_sources=450,
         sky_half_arcsec=360.0, exptime_24_s=10.0, count_slope=0.7, flux_24_min_ujy=70.0,
+        psf=psf,
     )  # fmt: skip
+
+
+def airy_encircled_energy(radius_arcsec: float, cfg: simmips.MipsAORConfig,
+                          pixel_arcsec: float) -> float:
+    """Fraction of the flux of `cfg`'s simulated 24 um diffraction pattern within
+    `radius_arcsec` on a mosaic of `pixel_arcsec` pixels (the pattern convolved with the
+    pixel box, as an aperture on the mosaic sees it): the peers' aperture correction on the
+    diffraction-limited mosaic, from the simulator's own PSF (numerically, 41 samples per
+    pixel: the box is centred on a sample)."""
+    from scipy.ndimage import uniform_filter
+
+    step = pixel_arcsec / 41.0
+    half = math.ceil((radius_arcsec + pixel_arcsec) / step)
+    r = np.arange(-half, half + 1) * step
+    r2 = r[:, None] ** 2 + r[None, :] ** 2
+    pattern = skymod.airy_per_arcsec2(r2, lambda_over_d_arcsec=BAND.lambda_over_d_arcsec,
+                                      obscuration=cfg.airy_obscuration)
+    seen = uniform_filter(pattern, size=41, mode="constant")
+    return float(np.sum(seen[r2 <= radius_arcsec**2]) * step * step)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,7 @@ class ExtractBenchResult:
     #: skybus's steps (cProfile, per call, with profiling overhead) and their total
     skybus_phases: list[Phase] = field(default_factory=list)
     skybus_profile_total_s: float = float("nan")
+    skybus_profile_calls: int = 10
     #: sep's steps, timed one by one (median of the runs, no profiler)
     sep_phases: list[Phase] = field(default_factory=list)
     #: (skybus s, sep s) of alternating calls, one row per pair
@@ -167,8 +168,13 @@ def _sep_threshold_equiv(fwhm_px: float) -> float:
 
 
 def run(mosaic: Mosaic, truth: Table, *, runs: int = 3, workdir: Path | None = None,
-        log: object = print) -> ExtractBenchResult:
-    """Time and measure skybus, sep and SExtractor (each skipped when missing) on `mosaic`."""
+        log: object = print, aperture_ee: float | None = None,
+        paired_runs: int = PAIRED_RUNS, profile_calls: int = 10) -> ExtractBenchResult:
+    """Time and measure skybus, sep and SExtractor (each skipped when missing) on `mosaic`.
+    The peers' aperture fluxes are divided by `aperture_ee`, the PSF's encircled energy in
+    the aperture (default: the Gaussian's of the band FWHM, the simulator's default PSF);
+    `paired_runs` alternating skybus / sep calls (at most one with `runs` 1);
+    `profile_calls` calls of skybus under cProfile for the breakdown of its time."""
     import sep
 
     say = log if callable(log) else print
@@ -188,7 +194,7 @@ def run(mosaic: Mosaic, truth: Table, *, runs: int = 3, workdir: Path | None = N
     r_px = r_as / pix
     # The same Gaussian-PSF correction skybus applies (mosaic pixel box added in quadrature).
     fwhm_eff = math.sqrt(common.FWHM_ARCSEC**2 + 8.0 * math.log(2.0) * pix**2 / 12.0)
-    ee = skymod.gaussian_encircled_energy(r_as, fwhm_eff)
+    ee = skymod.gaussian_encircled_energy(r_as, fwhm_eff) if aperture_ee is None else aperture_ee
     timings: dict[str, common.Timing[object]] = {}
     cats: dict[str, Catalogue] = {}
     notes: list[str] = []
@@ -260,21 +266,22 @@ def run(mosaic: Mosaic, truth: Table, *, runs: int = 3, workdir: Path | None = N
     # The machine is shared and its speed drifts within seconds: skybus and sep alternate,
     # call by call, and the ratio of each pair is taken (both see the same machine state).
     pairs = []
-    for _ in range(PAIRED_RUNS if runs > 1 else 1):
+    for _ in range(paired_runs if runs > 1 else min(paired_runs, 1)):
         t0 = time.perf_counter()
         run_skybus()
         t1 = time.perf_counter()
         run_sep()
         pairs.append((t1 - t0, time.perf_counter() - t1))
-    paired = np.asarray(pairs)
-    say(f"paired skybus / sep: median {np.median(paired[:, 0] / paired[:, 1]):.2f}")
+    paired = np.asarray(pairs, dtype=float).reshape(-1, 2)
+    if paired.size:
+        say(f"paired skybus / sep: median {np.median(paired[:, 0] / paired[:, 1]):.2f}")
     timings["sep (err per coverage)"] = common.time_runs(lambda: run_sep(err_cov), runs)
     cats["sep (err per coverage)"] = timings["sep (err per coverage)"].result  # type: ignore[assignment]
     notes.append("sep (err per coverage): munc x the matched-filter calibration of each coverage "
                  "decile (" + ", ".join(f"{f:.2f}" for f in cov_factors) + ", shallowest first).")
 
     # Where each side's time goes: skybus under cProfile, sep's three calls timed one by one.
-    sky_phases, sky_total = profile_extract(run_skybus)
+    sky_phases, sky_total = profile_extract(run_skybus, profile_calls)
     n_part = max(5, 3 * runs)
     t_bkg = common.time_runs(
         lambda: sep.Background(img0, mask=mask, bw=box, bh=box, fw=3, fh=3), n_part)
@@ -384,6 +391,7 @@ def run(mosaic: Mosaic, truth: Table, *, runs: int = 3, workdir: Path | None = N
     return ExtractBenchResult(shape=mosaic.image.shape, timings=timings, accuracy=accuracy,
                               config=config, sextractor_version=version, notes=notes,
                               skybus_phases=sky_phases, skybus_profile_total_s=sky_total,
+                              skybus_profile_calls=profile_calls,
                               sep_phases=sep_phases, paired_sep_s=paired)
 
 
@@ -470,7 +478,9 @@ def main(argv: list[str] | None = None) -> ExtractBenchResult:
     args = ap.parse_args(argv)
     data = common.load_or_make_bcds(common.aor_config(args.quick))
     mosaic = build_mosaic(data.frames)
-    res = run(mosaic, data.truth, runs=args.runs or (1 if args.quick else 3))
+    truth = data.truth
+    del data  # the frames released before timing (bench.__main__.FRESH_HEAP_NOTE)
+    res = run(mosaic, truth, runs=args.runs or (1 if args.quick else 3))
     common.print_summary(res.accuracy, res.ratio)
     return res
 

@@ -212,7 +212,7 @@ def render(
         sv = np.linalg.svd(jac[idx], compute_uv=False) if idx.size else np.ones((0, 2))
         similar = np.abs(sv[:, 0] / sv[:, 1] - 1.0) < 2e-3
         if airy_obscuration is not None:
-            profile = functools.partial(_airy_per_arcsec2, lambda_over_d_arcsec=lod,
+            profile = functools.partial(airy_per_arcsec2, lambda_over_d_arcsec=lod,
                                         obscuration=airy_obscuration)
             for lo in range(0, idx.size, 8):  # big stamps: fewer sources per chunk
                 sel = idx[lo : lo + 8]
@@ -304,7 +304,7 @@ def _render_stamps(
     return np.bincount(py[ok] * nx + px[ok], weights=vals[ok], minlength=ny * nx)
 
 
-def _airy_per_arcsec2(r2_arcsec2: np.ndarray, *, lambda_over_d_arcsec: float,
+def airy_per_arcsec2(r2_arcsec2: np.ndarray, *, lambda_over_d_arcsec: float,
                       obscuration: float) -> np.ndarray:
     """Unit-flux obscured Airy pattern per arcsec^2 at squared radius `r2_arcsec2`."""
     x = np.pi * np.sqrt(np.maximum(r2_arcsec2, 1e-24)) / lambda_over_d_arcsec

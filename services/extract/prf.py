@@ -90,14 +90,26 @@ class TabulatedPrf:
 
     def _fwhm(self) -> float:
         """Full width at half maximum of the PRF's azimuthal mean (pixels)."""
-        g = self._grid
         k = self.oversample
-        iy, ix = np.indices(g.shape)
-        r = np.hypot(iy - self._centre, ix - self._centre)
-        rbin = np.round(r).astype(int)
-        mean = np.bincount(rbin.ravel(), g.ravel()) / np.maximum(np.bincount(rbin.ravel()), 1)
-        half = 0.5 * mean[0]
-        below = np.flatnonzero(mean < half)
+        c = self._centre
+        # Radial bins of one sample, out to the first below half the central value: on a
+        # central box that grows until it holds that bin whole (a box of half-size b holds
+        # the bins below b whole, with the same sums as the whole grid), not the whole grid.
+        box = 4 * k
+        while True:
+            lo = max(c - box, 0)
+            g = self._grid[lo : c + box + 1, lo : c + box + 1]
+            iy, ix = np.indices(g.shape)
+            rbin = np.round(np.hypot(iy + lo - c, ix + lo - c)).astype(int).ravel()
+            mean = np.bincount(rbin, g.ravel()) / np.maximum(np.bincount(rbin), 1)
+            whole = lo == 0
+            if not whole:
+                mean = mean[:box]
+            half = 0.5 * mean[0]
+            below = np.flatnonzero(mean < half)
+            if below.size or whole:
+                break
+            box *= 2
         if below.size == 0:
             return 2.0 * self.radius_px
         j = int(below[0])

@@ -749,8 +749,10 @@ def _keys(t: float, w: np.ndarray, dw: np.ndarray) -> None:
 @kernel
 def _tabulated_stamp(grid: np.ndarray, centre: int, oversample: int, first_dx: float,
                      first_dy: float, size: int, mask_x: np.ndarray, mask_y: np.ndarray,
-                     prof: np.ndarray, ddx: np.ndarray, ddy: np.ndarray) -> None:
-    """One stamp of `tabulated_stamps` (rows of size * size values; masks of size)."""
+                     prof: np.ndarray, ddx: np.ndarray, ddy: np.ndarray,
+                     derivatives: bool = True) -> None:
+    """One stamp of `tabulated_stamps` (rows of size * size values; masks of size); without
+    `derivatives`, the values alone (ddx, ddy untouched)."""
     k = oversample
     last = grid.shape[0] - 1
     wx, dwx, wy, dwy = np.empty(4), np.empty(4), np.empty(4), np.empty(4)
@@ -769,6 +771,15 @@ def _tabulated_stamp(grid: np.ndarray, centre: int, oversample: int, first_dx: f
             p = 0.0
             px = 0.0
             py = 0.0
+            if not derivatives:
+                for li in range(4):
+                    row = min(max(by + li - 1 + k * a, 0), last)
+                    along = 0.0
+                    for mi in range(4):
+                        along += grid[row, min(max(bx + mi - 1 + k * b, 0), last)] * wx[mi]
+                    p += along * wy[li]
+                prof[a * size + b] = p * m
+                continue
             for li in range(4):
                 row = min(max(by + li - 1 + k * a, 0), last)
                 along = 0.0
@@ -814,12 +825,11 @@ def add_wings(out: np.ndarray, grid: np.ndarray, centre: int, oversample: int, r
     ny, nx = out.shape
     size = 2 * radius + 1
     prof = np.zeros(size * size)
-    ddx = np.zeros(size * size)
-    ddy = np.zeros(size * size)
+    unused = np.zeros(0)
     inside = np.ones(size)
     for s in range(x.size):
         _tabulated_stamp(grid, centre, oversample, cx[s] - radius - x[s], cy[s] - radius - y[s],
-                         size, inside, inside, prof, ddx, ddy)
+                         size, inside, inside, prof, unused, unused, False)
         for a in range(size):
             row = cy[s] - radius + a
             if row < 0 or row >= ny:

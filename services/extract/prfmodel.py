@@ -183,9 +183,11 @@ def choose_prf(
 
     # The comparison is made ~60 times per choice, on a few dozen stamps of a mosaic that may
     # have millions of pixels: the masked weights of each set of compared sources are made
-    # once, and the far rings are subtracted on the refit's stamp pixels alone (in `work`,
-    # whose other pixels no fit reads), never on the whole image.
+    # once, and the far rings (drawn in `wings` on the sources' squares, which are cleared
+    # after) are subtracted on the refit's stamp pixels alone (in `work`, whose other pixels
+    # no fit reads), never on the whole image.
     work = image.copy()
+    wings = np.zeros(image.shape)
     masked_weights: dict[tuple[bool, bytes], tuple[np.ndarray, np.ndarray]] = {}
 
     def compared_setup(compared: np.ndarray, neighbours: bool) -> tuple[np.ndarray,
@@ -212,10 +214,12 @@ def choose_prf(
                                 fwhm_px=fwhm, half_size=h, prf=prf, max_iter=10,
                                 with_residual=False)
         if prf is not None:
+            radius = math.ceil(prf.radius_px)
+            prf.add_squares(wings, x=fit.x, y=fit.y, flux=np.maximum(fit.flux, 0.0),
+                            radius=radius, core_half=h)
             stamps = _stamp_pixels(fit.x, fit.y, h, image.shape)
-            work.ravel()[stamps] = image.ravel()[stamps] - wing_image(
-                prf, x=fit.x, y=fit.y, flux=np.maximum(fit.flux, 0.0), shape=image.shape,
-                core_half=h, pixels=stamps)
+            work.ravel()[stamps] = image.ravel()[stamps] - wings.ravel()[stamps]
+            _clear_squares(wings, fit.x, fit.y, radius)
             fit = fit_point_sources(work, w, x0=fit.x, y0=fit.y, flux0=fit.flux, fwhm_px=fwhm,
                                     half_size=h, prf=prf, max_iter=10, with_residual=False)
         snr_fit = fit.flux[:k] / np.where(fit.flux_err[:k] > 0, fit.flux_err[:k], np.inf)
@@ -349,47 +353,21 @@ def wing_image(
     flux: np.ndarray,
     shape: tuple[int, int],
     core_half: int,
-    pixels: np.ndarray | None = None,
 ) -> np.ndarray:
     """The sources' PRF beyond their fitting stamps: flux x PRF on the square of the PRF's
     radius around (round(x), round(y)), minus the central square of half-size `core_half`
-    (the stamp `fit_point_sources` fits there when started at these positions).
-    With `pixels` (sorted, distinct flat indices), the image's values there alone, at the cost
-    of the sources' squares instead of the image's."""
-    if pixels is None:
-        out = np.zeros(shape)
-        prf.add_squares(out, x=x, y=y, flux=flux, radius=math.ceil(prf.radius_px),
-                        core_half=core_half)
-        return out
-    flat, vals = _wing_squares(prf, x, y, flux, shape, core_half)
-    at = np.searchsorted(pixels, flat)
-    hit = at < pixels.size
-    hit[hit] = pixels[at[hit]] == flat[hit]
-    return np.bincount(at[hit], weights=vals[hit], minlength=pixels.size)
+    (the stamp `fit_point_sources` fits there when started at these positions)."""
+    out = np.zeros(shape)
+    prf.add_squares(out, x=x, y=y, flux=flux, radius=math.ceil(prf.radius_px),
+                    core_half=core_half)
+    return out
 
 
-def _wing_squares(prf: TabulatedPrf, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
-                  shape: tuple[int, int], core_half: int) -> tuple[np.ndarray, np.ndarray]:
-    """(flat pixel index, value) of every non-zero pixel of the sources' wing squares (see
-    `wing_image`); a pixel appears once per source that reaches it."""
-    ny, nx = shape
-    if x.size == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0)
-    r = math.ceil(prf.radius_px)
-    size = 2 * r + 1
-    cx = np.round(x).astype(np.int64)
-    cy = np.round(y).astype(np.int64)
-    px = cx[:, None] + np.arange(-r, r + 1)
-    py = cy[:, None] + np.arange(-r, r + 1)
-    inx = ((px >= 0) & (px < nx)).astype(float)
-    iny = ((py >= 0) & (py < ny)).astype(float)
-    prof, _, _ = prf.stamps(px[:, 0] - x, py[:, 0] - y, size, inx, iny)
-    prof = prof.reshape(-1, size, size)
-    prof[:, r - core_half : r + core_half + 1, r - core_half : r + core_half + 1] = 0.0
-    flat = (np.clip(py, 0, ny - 1)[:, :, None] * nx + np.clip(px, 0, nx - 1)[:, None, :])
-    vals = prof * flux[:, None, None]
-    nz = vals != 0.0
-    return flat[nz], vals[nz]
+def _clear_squares(image: np.ndarray, x: np.ndarray, y: np.ndarray, radius: int) -> None:
+    """Zero `image` on the squares of half-size `radius` around (round(x), round(y))."""
+    for cx, cy in zip(np.round(x).astype(int), np.round(y).astype(int), strict=True):
+        image[max(cy - radius, 0):max(cy + radius + 1, 0),
+              max(cx - radius, 0):max(cx + radius + 1, 0)] = 0.0
 
 
 def _stamp_pixels(x: np.ndarray, y: np.ndarray, half: int, shape: tuple[int, int]

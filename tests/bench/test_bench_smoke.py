@@ -3,6 +3,7 @@ assertions (the machine is shared and noisy)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 
@@ -54,6 +55,38 @@ def test_extract_bench_finite(mosaic_result: mos.MosaicBenchResult,
         assert math.isfinite(a.completeness_snr10)
     text = bench_main.render(mosaic_result, e, "tauvex: skipped", runs=1, quick=True, wall_s=1.0)
     assert "skybus / SWarp" in text and "## Goals" in text
+
+
+def test_diffraction_limited_extract_bench(tmp_path_factory: pytest.TempPathFactory,
+                                           mosaic_result: mos.MosaicBenchResult) -> None:
+    # The quick AOR's diffraction-limited twin: skybus takes the pattern, and its section
+    # renders beside the Gaussian one.
+    e = bench_main.run_airy(True, 1, out_dir=tmp_path_factory.mktemp("bcds_airy"),
+                            log=lambda _s: None)
+    assert e.paired_sep_s.size == 0
+    for name in ("skybus", "sep", "SExtractor"):
+        assert math.isfinite(e.timings[name].median_s) and e.timings[name].median_s > 0
+        assert e.accuracy[name].n_detected > 0
+    assert "/ EE 0.6" in e.config["sep"]  # the pattern's encircled energy, not the Gaussian's
+    text = bench_main.render(mosaic_result, e, "tauvex: skipped", runs=1, quick=True,
+                             wall_s=1.0, e_airy=e)
+    assert "## 2b. Extraction on a diffraction-limited mosaic" in text
+
+
+def test_airy_encircled_energy_is_the_pattern_s() -> None:
+    # Unobscured and with a tiny pixel box (0.5", a tenth of lambda/D) it is Rayleigh's
+    # 1 - J0^2 - J1^2; the mosaic's 2.45" pixel box moves light out of a small aperture.
+    from scipy.special import j0, j1
+
+    lod = common.BAND.lambda_over_d_arcsec
+    cfg = common.aor_config(True, psf="airy")
+    for r in (3.0, 7.0, 15.0):
+        v = math.pi * r / lod
+        clear = dataclasses.replace(cfg, airy_obscuration=0.0)
+        assert common.airy_encircled_energy(r, clear, 0.5) == pytest.approx(
+            1 - j0(v) ** 2 - j1(v) ** 2, abs=2e-3)
+    assert common.airy_encircled_energy(3.0, cfg, 2.45) < common.airy_encircled_energy(
+        3.0, cfg, 0.5)
 
 
 def test_sextractor_threshold_equivalence() -> None:

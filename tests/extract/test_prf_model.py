@@ -11,6 +11,7 @@ from scipy.special import j0, j1
 
 from services.extract.photometry import extract_sources, prf_enclosed_fraction
 from services.extract.prfmodel import (
+    _clear_squares,
     _stamp_pixels,
     obscured_airy_prf,
     wing_image,
@@ -54,25 +55,57 @@ def test_tabulated_prf_derivatives_and_normalisation():
     assert np.ptp(sums) < 2e-4
 
 
-def test_the_wing_image_on_the_pixels_asked_is_the_whole_images():
-    """The PSF-model comparison subtracts the rings on its stamps only: the values there are
-    the whole wing image's, sources cut by the edge included; the stamp pixels are the
-    squares a fit centred at the rounded positions reads."""
+def test_the_wing_image_is_the_prf_beyond_the_stamps():
+    """The far wings the extraction subtracts (compiled): flux x the PRF (its pointwise
+    interpolation here) on each source's square of the PRF's radius, sources cut by the
+    edge included, except on its fitting stamp; `_clear_squares` undoes them exactly."""
     prf = obscured_airy_prf(lambda_over_d_px=2.3, obscuration=0.3, blur_fwhm_px=0.6,
                             radius_px=15.0)
     rng = np.random.default_rng(4)
     shape = (70, 90)
     x, y = rng.uniform(-2, 92, 12), rng.uniform(-2, 72, 12)
     flux = rng.uniform(1.0, 100.0, 12)
-    full = wing_image(prf, x=x, y=y, flux=flux, shape=shape, core_half=4)
+    got = wing_image(prf, x=x, y=y, flux=flux, shape=shape, core_half=4)
+    want = np.zeros(shape)
+    r = int(np.ceil(prf.radius_px))
+    yy, xx = np.indices(shape)
+    for xs, ys, f in zip(x, y, flux, strict=True):
+        cx, cy = round(xs), round(ys)
+        square = (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r)
+        core = (np.abs(xx - cx) <= 4) & (np.abs(yy - cy) <= 4)
+        want += np.where(square & ~core, f * prf.values(xx - xs, yy - ys), 0.0)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    _clear_squares(got, x, y, r)
+    assert not got.any()
     pixels = _stamp_pixels(x[:5], y[:5], 4, shape)
-    got = wing_image(prf, x=x, y=y, flux=flux, shape=shape, core_half=4, pixels=pixels)
-    np.testing.assert_array_equal(got, full.ravel()[pixels])
     cx, cy = np.round(x[0]).astype(int), np.round(y[0]).astype(int)
     square = {(j, i) for j in range(cy - 4, cy + 5) for i in range(cx - 4, cx + 5)
               if 0 <= j < shape[0] and 0 <= i < shape[1]}
     assert square <= {divmod(int(p), shape[1]) for p in pixels}
     assert np.all(np.diff(pixels) > 0)
+
+
+@pytest.mark.parametrize("sigma_px", [0.6, 2.0, 8.0, 1e3])
+def test_tabulated_prf_fwhm_is_the_whole_grids(sigma_px):
+    # The FWHM search grows a central box; it must give what the azimuthal mean of the whole
+    # grid gives (narrow and wide profiles, and one that never falls to half its peak).
+    from services.extract.prf import TabulatedPrf
+
+    k = 3
+    yo, xo = np.mgrid[-90:91, -90:91] / k
+    prf = TabulatedPrf(np.exp(-(xo**2 + yo**2) / (2 * sigma_px**2)), oversample=k, name="g")
+    g = prf._grid
+    rbin = np.round(np.hypot(*(np.indices(g.shape) - prf._centre))).astype(int).ravel()
+    mean = np.bincount(rbin, g.ravel()) / np.maximum(np.bincount(rbin), 1)
+    below = np.flatnonzero(mean < 0.5 * mean[0])
+    if below.size:
+        j = below[0]
+        want = 2 * (j - 1 + (mean[j - 1] - 0.5 * mean[0]) / (mean[j - 1] - mean[j])) / k
+    else:
+        want = 2 * prf.radius_px
+    assert prf.fwhm_px == want
+    if sigma_px < 100:
+        assert prf.fwhm_px == pytest.approx(2.3548 * sigma_px, rel=0.1)
 
 
 def test_airy_encircled_energy_matches_the_analytic_formula():
