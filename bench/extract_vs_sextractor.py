@@ -207,7 +207,7 @@ def run(mosaic: Mosaic, truth: Table, *, runs: int = 3, workdir: Path | None = N
     # is reported, not counted in the per-extraction time (sep's C is compiled at install too).
     jit_s = compile_kernels()
     notes.append(f"skybus's compiled PRF-fit kernels (numba): {jit_s:.2f} s to compile or load "
-                 "from the on-disk cache before the timed runs (~30 s the first time after "
+                 "from the on-disk cache before the timed runs (~40 s the first time after "
                  "install, ~0.4 s later), once per process.")
     timings["skybus"] = common.time_runs(run_skybus, runs)
     t = timings["skybus"].result

@@ -1,12 +1,12 @@
 """The extraction's compiled kernels (numba): their decorator, and their ahead-of-use
 compilation.
 
-Kernels: the PRF fits and the tabulated PRF's stamps (`prf_kernels`), the
+Kernels: the PRF fits, the tabulated PRF's stamps and far wings (`prf_kernels`), the
 background mesh statistics (`background._clipped_sorted_rows`) and the exact apertures
-(`photometry._aperture_sums`).
-Compiling them takes ~30 s on the 2-core bench machine; the machine code is cached on disk
-(beside the sources, or in NUMBA_CACHE_DIR), so later processes load it in well under a
-second."""
+(`photometry._aperture_sums`). Compiling them takes ~35-50 s on the 2-core bench machine
+(50.7 s measured on a slow afternoon, when the kernels before the tabulated-PRF fit took
+44 s); the machine code is cached on disk (beside the sources, or in NUMBA_CACHE_DIR), so
+later processes load it in well under a second."""
 
 from __future__ import annotations
 

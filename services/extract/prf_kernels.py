@@ -17,7 +17,7 @@ elsewhere, so a neighbouring group's pixels never count), `model` the sum of its
 separable Gaussian is evaluated once per stamp row and column (erf at the pixel edges); a
 tabulated PRF once per stamp pixel (`_group_prf`).
 
-The JIT compilation (~30 s on the 2-core bench machine) is cached on disk: the first call in
+The JIT compilation (~40 s on the 2-core bench machine) is cached on disk: the first call in
 a fresh checkout compiles, later processes load the machine code (~0.4 s). Set
 NUMBA_CACHE_DIR where the package directory is read-only; `jit.compile_kernels` compiles (or
 loads) them ahead of the first extraction.
