@@ -126,6 +126,21 @@ def test_airy_psf_renders_the_diffraction_pattern() -> None:
     assert ring > 1.2 * dark  # a ring beyond the first dark one (a Gaussian only falls)
 
 
+def test_interpolated_airy_pattern_is_the_pattern() -> None:
+    # The renderer reads the pattern from a fine radial table: within 1e-6 of the peak out
+    # to the table's reach (rings and dark zeros included), the exact values beyond it.
+    lod = mips.BANDS[2].lambda_over_d_arcsec
+    for eps in (0.0, 0.3):
+        r = np.concatenate([np.linspace(0.0, 30.0 * lod, 200_001), [0.5 * lod]])
+        r2 = (r * r).reshape(-1, 1)
+        exact = skymod.airy_per_arcsec2(r2, lambda_over_d_arcsec=lod, obscuration=eps)
+        got = skymod._airy_interpolated(r2, lambda_over_d_arcsec=lod, obscuration=eps)
+        assert got.shape == exact.shape
+        assert np.max(np.abs(got - exact)) < 1e-6 * exact[0, 0]
+        beyond = r > skymod._AIRY_TABLE_LODS * lod
+        np.testing.assert_array_equal(got[beyond], exact[beyond])
+
+
 def test_background_is_a_linear_gradient() -> None:
     sky = _sky(1)
     level, ge, gn = sky.background[1]
