@@ -150,15 +150,17 @@ class TabulatedPrf:
             np.ascontiguousarray(mask_y, dtype=np.float64))
 
     def add_squares(self, out: np.ndarray, *, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
-                    radius: int, core_half: int) -> None:
+                    core_half: int) -> None:
         """Add flux x PRF to the image `out` (native float64, C-ordered) on each source's
-        square of half-size `radius` pixels around (round(x), round(y)), except on its
-        central square of half-size `core_half` (compiled: `prf_kernels.add_wings`)."""
+        square of the PRF's radius (ceil(radius_px) pixels) around (round(x), round(y)),
+        except on its central square of half-size `core_half` (compiled:
+        `prf_kernels.add_wings`)."""
         def as_float(a: np.ndarray) -> np.ndarray:
             return np.ascontiguousarray(a, dtype=np.float64)
 
-        prf_kernels.add_wings(out, self._grid, self._centre, self.oversample, int(radius),
-                              int(core_half), np.round(x).astype(np.int64),
+        prf_kernels.add_wings(out, self._grid, self._centre, self.oversample,
+                              math.ceil(self.radius_px), int(core_half),
+                              np.round(x).astype(np.int64),
                               np.round(y).astype(np.int64), as_float(x), as_float(y),
                               as_float(flux))
 

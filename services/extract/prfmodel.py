@@ -181,13 +181,13 @@ def choose_prf(
         return PrfChoice(None, int(cand.size), reason=f"fewer than {min_sources} bright "
                          f"sources (S/N >= {min_snr:g}) to compare PSF models on")
 
-    # The comparison is made ~60 times per choice, on a few dozen stamps of a mosaic that may
+    # The comparison is made ~90 times per choice, on a few dozen stamps of a mosaic that may
     # have millions of pixels: the masked weights of each set of compared sources are made
     # once, and the far rings (drawn in `wings` on the sources' squares, which are cleared
     # after) are subtracted on the refit's stamp pixels alone (in `work`, whose other pixels
-    # no fit reads), never on the whole image.
-    work = image.copy()
-    wings = np.zeros(image.shape)
+    # no fit reads), never on the whole image. Both images are made at the first tabulated
+    # trial: where the Gaussian's quick check passes (most data) there is none.
+    scratch: list[np.ndarray] = []  # [work, wings]
     masked_weights: dict[tuple[bool, bytes], tuple[np.ndarray, np.ndarray]] = {}
 
     def compared_setup(compared: np.ndarray, neighbours: bool) -> tuple[np.ndarray,
@@ -214,12 +214,14 @@ def choose_prf(
                                 fwhm_px=fwhm, half_size=h, prf=prf, max_iter=10,
                                 with_residual=False)
         if prf is not None:
-            radius = math.ceil(prf.radius_px)
+            if not scratch:
+                scratch.extend((image.copy(), np.zeros(image.shape)))
+            work, wings = scratch
             prf.add_squares(wings, x=fit.x, y=fit.y, flux=np.maximum(fit.flux, 0.0),
-                            radius=radius, core_half=h)
+                            core_half=h)
             stamps = _stamp_pixels(fit.x, fit.y, h, image.shape)
             work.ravel()[stamps] = image.ravel()[stamps] - wings.ravel()[stamps]
-            _clear_squares(wings, fit.x, fit.y, radius)
+            _clear_squares(wings, fit.x, fit.y, math.ceil(prf.radius_px))
             fit = fit_point_sources(work, w, x0=fit.x, y0=fit.y, flux0=fit.flux, fwhm_px=fwhm,
                                     half_size=h, prf=prf, max_iter=10, with_residual=False)
         snr_fit = fit.flux[:k] / np.where(fit.flux_err[:k] > 0, fit.flux_err[:k], np.inf)
@@ -358,8 +360,7 @@ def wing_image(
     radius around (round(x), round(y)), minus the central square of half-size `core_half`
     (the stamp `fit_point_sources` fits there when started at these positions)."""
     out = np.zeros(shape)
-    prf.add_squares(out, x=x, y=y, flux=flux, radius=math.ceil(prf.radius_px),
-                    core_half=core_half)
+    prf.add_squares(out, x=x, y=y, flux=flux, core_half=core_half)
     return out
 
 
