@@ -771,15 +771,6 @@ def _tabulated_stamp(grid: np.ndarray, centre: int, oversample: int, first_dx: f
             p = 0.0
             px = 0.0
             py = 0.0
-            if not derivatives:
-                for li in range(4):
-                    row = min(max(by + li - 1 + k * a, 0), last)
-                    along = 0.0
-                    for mi in range(4):
-                        along += grid[row, min(max(bx + mi - 1 + k * b, 0), last)] * wx[mi]
-                    p += along * wy[li]
-                prof[a * size + b] = p * m
-                continue
             for li in range(4):
                 row = min(max(by + li - 1 + k * a, 0), last)
                 along = 0.0
@@ -787,14 +778,17 @@ def _tabulated_stamp(grid: np.ndarray, centre: int, oversample: int, first_dx: f
                 for mi in range(4):
                     g = grid[row, min(max(bx + mi - 1 + k * b, 0), last)]
                     along += g * wx[mi]
-                    dalong += g * dwx[mi]
+                    if derivatives:
+                        dalong += g * dwx[mi]
                 p += along * wy[li]
-                px += dalong * wy[li]
-                py += along * dwy[li]
-            # The pixel offset is (pixel - source): d/d(source x) = -oversample d/dt.
+                if derivatives:
+                    px += dalong * wy[li]
+                    py += along * dwy[li]
             prof[a * size + b] = p * m
-            ddx[a * size + b] = -k * px * m
-            ddy[a * size + b] = -k * py * m
+            if derivatives:
+                # The pixel offset is (pixel - source): d/d(source x) = -oversample d/dt.
+                ddx[a * size + b] = -k * px * m
+                ddy[a * size + b] = -k * py * m
 
 
 @kernel
