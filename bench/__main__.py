@@ -44,8 +44,8 @@ def run_airy(quick: bool, runs: int, *, out_dir: Path = common.OUT_DIR,
 
     data = common.load_or_make_bcds(common.aor_config(quick, psf="airy"), out_dir, log=log)
     mosaic = build_mosaic(data.frames)
-    r_as = 1.2 * common.FWHM_ARCSEC  # the bench's aperture
-    ee = common.airy_encircled_energy(r_as, data.config, mosaic.pixel_arcsec)
+    ee = common.airy_encircled_energy(ext.APERTURE_RADIUS_ARCSEC, data.config,
+                                      mosaic.pixel_arcsec)
     truth = data.truth
     del data  # FRESH_HEAP_NOTE
     gc.collect()

@@ -32,6 +32,8 @@ from simulator import sky as skymod
 
 #: Detection threshold: S/N of the PSF-matched filter (skybus's default, detect_sigma).
 DETECT_SNR = 5.0
+#: Aperture radius of every side (1.2 FWHM, skybus's default), arcsec.
+APERTURE_RADIUS_ARCSEC = 1.2 * common.FWHM_ARCSEC
 #: Minimum connected pixels above threshold for sep / SExtractor.
 MINAREA = 3
 #: alternating skybus / sep calls for the paired ratio (each call takes ~40 ms)
@@ -190,7 +192,7 @@ def run(mosaic: Mosaic, truth: Table, *, runs: int = 3, workdir: Path | None = N
     valid = np.isfinite(img) & np.isfinite(unc) & (unc > 0) & (cov > 0)
     # skybus's default background cell (16 FWHM, >= 32 px, >= 4 cells across): the peers' too.
     box = round(min(max(32.0, 16.0 * fwhm_px), max(min(img.shape) / 4.0, 6.0 * fwhm_px)))
-    r_as = 1.2 * common.FWHM_ARCSEC
+    r_as = APERTURE_RADIUS_ARCSEC
     r_px = r_as / pix
     # The same Gaussian-PSF correction skybus applies (mosaic pixel box added in quadrature).
     fwhm_eff = math.sqrt(common.FWHM_ARCSEC**2 + 8.0 * math.log(2.0) * pix**2 / 12.0)
