@@ -19,6 +19,7 @@ from services.extract.detect import (
     find_peaks,
     grow_mask,
     matched_filter,
+    position_noise_scale,
     refilter,
 )
 from services.extract.jit import kernel
@@ -361,7 +362,8 @@ def extract_sources(
     Returns an astropy Table, one row per source, columns with units: fluxes in uJy, positions
     in degrees with uncertainties in arcsec (delta_RA is along RA*cos(Dec)), x/y 0-based pixels,
     bckgrnd in MJy/sr. `meta` holds BAND, FWHM (arcsec), APRAD (arcsec), APCORR, PIXSCAL
-    (arcsec), UJYPPIX (uJy per MJy/sr per pixel), UNCSCALE (unc calibration factor), NSIGDET.
+    (arcsec), UJYPPIX (uJy per MJy/sr per pixel), UNCSCALE (unc calibration factor of fluxes),
+    POSSCALE (of positions, see `position_noise_scale`), NSIGDET.
     Raises `ExtractionError` for inconsistent inputs.
     """
     img = np.asarray(image, dtype=float)
@@ -615,10 +617,16 @@ def extract_sources(
     else:
         mag, dmag = np.full(flux_ujy.size, np.nan), np.full(flux_ujy.size, np.nan)
 
+    # The fit's position errors carry the flux's noise calibration (uscale); a position's
+    # noise has its own (correlated noise moves positions less than fluxes).
+    pos_scale = (position_noise_scale(mf, sub, weight, valid=valid, fwhm_px=fwhm_px)
+                 if calibrate_unc and fit.x.size else uscale)
+    x_err = fit.x_err * (pos_scale / uscale)
+    y_err = fit.y_err * (pos_scale / uscale)
     ra, dec = wcs.pixel_to_world_values(fit.x, fit.y)
     cd = wcs.pixel_scale_matrix * 3600.0  # arcsec per pixel, rows = (RA, Dec) axes
-    dra = np.hypot(cd[0, 0] * fit.x_err, cd[0, 1] * fit.y_err)
-    ddec = np.hypot(cd[1, 0] * fit.x_err, cd[1, 1] * fit.y_err)
+    dra = np.hypot(cd[0, 0] * x_err, cd[0, 1] * y_err)
+    ddec = np.hypot(cd[1, 0] * x_err, cd[1, 1] * y_err)
     iy = np.clip(np.round(fit.y).astype(int), 0, img.shape[0] - 1)
     ix = np.clip(np.round(fit.x).astype(int), 0, img.shape[1] - 1)
 
@@ -634,9 +642,9 @@ def extract_sources(
         ("Dec", np.asarray(dec, dtype=float), u.deg),
         ("delta_Dec", ddec, u.arcsec),
         ("x", fit.x, u.pix),
-        ("delta_x", fit.x_err, u.pix),
+        ("delta_x", x_err, u.pix),
         ("y", fit.y, u.pix),
-        ("delta_y", fit.y_err, u.pix),
+        ("delta_y", y_err, u.pix),
         ("flux", flux_ujy, u.uJy),
         ("delta_flux", dflux_ujy, u.uJy),
         ("SNR", snr_col, None),
@@ -667,6 +675,7 @@ def extract_sources(
             "PIXSCAL": pix_arcsec,
             "UJYPPIX": ujy_per_pix,
             "UNCSCALE": uscale,
+            "POSSCALE": round(pos_scale, 4),
             "NSIGDET": detect_sigma,
             "BKGRMS": float(np.median(rms[valid])),
             "APNBSUB": bool(subtract_neighbours),
