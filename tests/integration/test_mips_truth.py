@@ -338,7 +338,11 @@ def test_astrometric_rms_above_true_snr_20(mips_run: PipelineRun, channel: int) 
     phases), so a flat 0.3" measures the sample's S/N mix, not the pipeline (the literal 0.3"
     is printed against). In both bands the errors must also be what the pipeline says they
     are: RMS of (error / delta_RA or delta_Dec) <= 1.5, so positions are noise-limited (the
-    stated errors are the bound: the inverse Fisher matrix of the fit)."""
+    stated errors are the bound: the inverse Fisher matrix of the fit). The RMS of the stated
+    errors, that sample's bound, is printed beside the RMS; `python -m tests.integration.skies`
+    runs the same measurement on other skies (the 70 um sample's RMS moves by +-15% with the
+    sky, and what exceeds the noise at high S/N is the pull of neighbours below the detection
+    limit, which it predicts and removes)."""
     b = band(mips_run, channel)
     ti, di, sep = match(b, b.sources)
     t = b.truth
@@ -351,9 +355,12 @@ def test_astrometric_rms_above_true_snr_20(mips_run: PipelineRun, channel: int) 
     chi_e = float(np.sqrt(np.mean((de_ / np.asarray(b.sources["delta_RA"])[di[sel]]) ** 2)))
     chi_n = float(np.sqrt(np.mean((dn_ / np.asarray(b.sources["delta_Dec"])[di[sel]]) ** 2)))
     limit = 0.3 * mips.BANDS[channel].psf_fwhm_arcsec / mips.BANDS[1].psf_fwhm_arcsec
+    bound_e = float(np.sqrt(np.mean(np.asarray(b.sources["delta_RA"])[di[sel]] ** 2)))
+    bound_n = float(np.sqrt(np.mean(np.asarray(b.sources["delta_Dec"])[di[sel]] ** 2)))
     print(
         f'ch{channel} astrometric rms S/N>20 (n={sel.sum()}): RA {rms_e:.3f}" Dec '
-        f'{rms_n:.3f}" radial {float(np.sqrt(np.mean(sep[sel] ** 2))):.3f}" '
+        f'{rms_n:.3f}" (bound, RMS of the stated errors: {bound_e:.3f}" {bound_n:.3f}") '
+        f'radial {float(np.sqrt(np.mean(sep[sel] ** 2))):.3f}" '
         f'(limit {limit:.2f}", literal 0.3" {"met" if max(rms_e, rms_n) <= 0.3 else "not met"}); '
         f"error / stated uncertainty RMS: RA {chi_e:.2f} Dec {chi_n:.2f}; mean offset RA "
         f'{float(np.mean(de_)):+.3f}" Dec {float(np.mean(dn_)):+.3f}" '
