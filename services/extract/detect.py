@@ -151,12 +151,12 @@ def position_noise_scale(
     `mf.noise_scale` calibrates fluxes, whose noise is the image filtered by the PSF. A
     position's noise is the image filtered by the PSF's derivative, which weights small scales
     more, where a resampled mosaic's correlated noise has less power: its scale is smaller
-    (~0.8 of the flux's on a MIPS 24 um mosaic). Measured like the flux scale: the robust RMS of
-    the x- and y-derivative-filtered image (pooled: the resampling's correlations are close to
-    isotropic), normalised for white noise, on pixels away from > 5 sigma sources, on a
-    central crop of at most `max_side` px per side (the resampling is the same everywhere; a
-    crop keeps the cost to ~0.5 ms, ~6% of the bench extraction). 1.0 when too few quiet
-    pixels.
+    (0.6-0.8 of the flux's on the MIPS 24 um mosaics here). Measured like the flux scale: the
+    robust RMS of the x- and y-derivative-filtered image (pooled: the resampling's
+    correlations are close to isotropic), normalised for white noise, on pixels away from
+    > 5 sigma sources, on a central crop of at most `max_side` px per side (the resampling is
+    the same everywhere; a crop keeps the cost to ~0.5 ms, ~6% of the bench extraction). 1.0
+    when too few quiet pixels.
     """
     sigma = mf.sigma_px
     ny, nx = image.shape
