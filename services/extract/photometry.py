@@ -619,7 +619,7 @@ def extract_sources(
 
     # The fit's position errors carry the flux's noise calibration (uscale); a position's
     # noise has its own (correlated noise moves positions less than fluxes).
-    pos_scale = (position_noise_scale(mf, sub, weight, valid=valid, fwhm_px=fwhm_px)
+    pos_scale = (position_noise_scale(mf, weight, valid=valid, fwhm_px=fwhm_px)
                  if calibrate_unc and fit.x.size else uscale)
     x_err = fit.x_err * (pos_scale / uscale)
     y_err = fit.y_err * (pos_scale / uscale)
