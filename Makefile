@@ -5,12 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SRC    := shared services simulator bench
 
-.PHONY: demo test lint unit bench tools clean help
+.PHONY: demo test lint unit bench skies tools clean help
 
 help:
 	@echo "make demo   create .venv, run simulated MIPS + TAUVEX data through the whole pipeline"
 	@echo "make test   create .venv, lint (ruff + mypy) and run the test suite"
 	@echo "make bench  benchmarks against SWarp, SExtractor, sep, reproject"
+	@echo "make skies  astrometry against truth over 11 simulated skies (~6 min)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,9 @@ demo: $(STAMP) tools
 
 bench: $(STAMP) bench-tools
 	$(BIN)/python -m bench
+
+skies: $(STAMP)
+	$(BIN)/python -m tests.integration.skies --default-sky --skies 10
 
 clean:
 	rm -rf $(VENV) .skybus products .pytest_cache .mypy_cache .ruff_cache
