@@ -194,8 +194,13 @@ def position_noise_scale(
     dx = _derivative(num[2:-2])
     dy = _derivative(num[:, 2:-2].T).T
     z = np.concatenate([dx[::2, ::2][quiet] * norm, dy[::2, ::2][quiet] * norm])
-    lo, hi = np.percentile(z, [15.865, 84.135])
-    return float(np.clip(0.5 * (hi - lo), 0.2, 10.0))
+    return float(np.clip(_robust_sigma(z), 0.2, 10.0))
+
+
+def _robust_sigma(values: np.ndarray) -> float:
+    """Half the central 68.27% interval: the sigma of the Gaussian core, blind to tails."""
+    lo, hi = np.percentile(values, [15.865, 84.135])
+    return float(0.5 * (hi - lo))
 
 
 def _quiet_rms(snr: np.ndarray, valid: np.ndarray, n_valid: int, *, grow: int,
@@ -204,10 +209,7 @@ def _quiet_rms(snr: np.ndarray, valid: np.ndarray, n_valid: int, *, grow: int,
     pixels); 0 when fewer than max(100, 5% of the `n_valid` valid pixels) are left."""
     near = grow_mask(np.abs(snr) > threshold, grow)
     quiet = snr[valid & ~near]
-    if quiet.size > max(100, n_valid // 20):
-        lo, hi = np.percentile(quiet, [15.865, 84.135])
-        return float(0.5 * (hi - lo))
-    return 0.0
+    return _robust_sigma(quiet) if quiet.size > max(100, n_valid // 20) else 0.0
 
 
 @dataclass(frozen=True, slots=True)
