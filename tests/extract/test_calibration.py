@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from services.extract.detect import matched_filter
-from services.extract.photometry import estimate_fwhm_px
+from services.extract.photometry import estimate_fwhm_px, extract_sources
 from services.extract.prf import fit_common_fwhm, sigma_from_fwhm
 
-from .synth import render_sources
+from .synth import render_sources, tan_header
 
 
 def _sources(rng: np.random.Generator, n: int, shape: tuple[int, int], margin: int = 15,
@@ -105,12 +106,6 @@ def test_position_errors_follow_correlated_noise() -> None:
     fitted - true positions: RMS of the normalised errors within 10% of 1 (450 values, ~3%
     standard error), and POSSCALE is below 0.9 UNCSCALE (the case is really exercised). On
     white noise POSSCALE is within 5% of 1 (its estimate on a 160 px crop scatters by ~2%)."""
-    from scipy.spatial import cKDTree
-
-    from services.extract.photometry import extract_sources
-
-    from .synth import tan_header
-
     rng = np.random.default_rng(2)
     for correlated in (False, True):
         img, x, y, sd = _grid_field(rng, correlated=correlated)

@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,12 @@ class BandSample:
     bias_east: np.ndarray  #: predicted pull of undetected truth neighbours (arcsec)
     bias_north: np.ndarray
 
+    def subset(self, keep: np.ndarray) -> BandSample:
+        """The sources selected by `keep`."""
+        arrays = {f.name: getattr(self, f.name)[keep] for f in fields(self)
+                  if isinstance(getattr(self, f.name), np.ndarray)}
+        return replace(self, **arrays)
+
 
 def confusion_bias(east: np.ndarray, north: np.ndarray, flux: np.ndarray, detected: np.ndarray,
                    *, fwhm_arcsec: float) -> tuple[np.ndarray, np.ndarray]:
@@ -72,24 +78,21 @@ def confusion_bias(east: np.ndarray, north: np.ndarray, flux: np.ndarray, detect
 
 
 def band_sample(run: object, seed: int, channel: int) -> BandSample:
-    """The acceptance test's sample (test_astrometric_rms_above_true_snr_20) on `run`."""
+    """The acceptance test's sample (`test_mips_truth.astrometry_sample`) on `run`, with the
+    predicted pull of the undetected truth sources on each."""
     b = truth.band(run, channel)  # type: ignore[arg-type]
-    ti, di, _ = truth.match(b, b.sources)
+    a = truth.astrometry_sample(b, SNR_MIN)
     t = b.truth
-    sel = (np.asarray(t["infield"]) & (np.asarray(t["snr"]) > SNR_MIN) & truth.unconfused(b))[ti]
-    ra0, dec0 = float(np.mean(t["ra"])), float(np.mean(t["dec"]))
-    te, tn = truth._offsets_arcsec(t["ra"], t["dec"], ra0, dec0)
-    de, dn = truth._offsets_arcsec(b.sources["RA"], b.sources["Dec"], ra0, dec0)
+    ti, _, _ = truth.match(b, b.sources)
     detected = np.zeros(len(t), dtype=bool)
     detected[ti] = True
+    te, tn = truth._offsets_arcsec(t["ra"], t["dec"], float(np.mean(t["ra"])),
+                                   float(np.mean(t["dec"])))
     be, bn = confusion_bias(te, tn, np.asarray(t["flux"], dtype=float), detected,
                             fwhm_arcsec=b.fwhm_arcsec)
-    ts, ds = ti[sel], di[sel]
-    return BandSample(
-        seed, channel, de[ds] - te[ts], dn[ds] - tn[ts],
-        np.asarray(b.sources["delta_RA"], dtype=float)[ds],
-        np.asarray(b.sources["delta_Dec"], dtype=float)[ds],
-        np.asarray(t["snr"], dtype=float)[ts], be[ts], bn[ts])
+    ts = a.truth_index
+    return BandSample(seed, channel, a.east, a.north, a.sigma_east, a.sigma_north,
+                      np.asarray(t["snr"], dtype=float)[ts], be[ts], bn[ts])
 
 
 def _rms(x: np.ndarray) -> float:
@@ -127,11 +130,7 @@ def report(samples: list[BandSample]) -> str:
                 "| true S/N | n | RMS (\") | bound (\") | chi | chi minus confusion |",
                 "|---|---|---|---|---|---|"]
         for lo, hi in itertools.pairwise(SNR_BINS):
-            cut = [BandSample(s.seed, ch, *(getattr(s, f)[(s.snr > lo) & (s.snr <= hi)]
-                                            for f in ("east", "north", "sigma_east",
-                                                      "sigma_north", "snr", "bias_east",
-                                                      "bias_north")))
-                   for s in band]
+            cut = [s.subset((s.snr > lo) & (s.snr <= hi)) for s in band]
             out.append(_row(f"{lo:g}-{hi:g}", cut))
         out.append("")
     return "\n".join(out)
@@ -164,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             for ch in (1, 2):
                 samples.append(band_sample(run, seed, ch))
             shutil.rmtree(root, ignore_errors=True)
-            truth._RUNS.clear()  # the band cache holds each run's images and frames
-            truth._band_cached.cache_clear()
+            truth.release(run)  # the band cache holds each run's images and frames
             line = ", ".join(f"{truth.BANDS[s.channel]} n={s.east.size} RMS "
                              f"{_rms(s.east):.3f}/{_rms(s.north):.3f}\""
                              for s in samples[-2:])
