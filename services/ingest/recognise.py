@@ -33,6 +33,8 @@ CCSDS_PROBE_PACKETS = 3
 PRIMARY_BCD_TYPES = {"bcd", "cbcd"}
 #: Per-DCE products carried beside their BCD, by companion role.
 UNC_TYPES = {"bunc", "cbunc"}
+#: (used, logged) when one frame comes both ways: IRAC's corrected BCD and its unc.
+CORRECTED_OVER_PLAIN = (("cbcd", "bcd"), ("cbunc", "bunc"))
 MASK_TYPES = {"bbmsk", "bmask", "bimsk"}
 FILTERED_TYPES = {"fbcd"}  #: Ge median-filtered BCD (carried, not used by mosaic)
 #: Known Spitzer per-DCE products the pipeline does not use: logged, not dead-lettered.
@@ -342,6 +344,18 @@ def group_spitzer_files(files: list[tuple[str, fits.Header | None]]) -> SpitzerS
             continue
         claims[((inst, ch, aor, expid, dcenum), role)].append((name, kind))
     for key, claimants in claims.items():
+        # an IRAC download holds each frame twice, as bcd and as the artifact-corrected cbcd
+        # (each with its unc): the corrected one is used, the other logged
+        kinds = {k for _, k in claimants}
+        for preferred, other in CORRECTED_OVER_PLAIN:
+            if preferred in kinds and other in kinds:
+                for name, kind in claimants:
+                    if kind == other:
+                        ignored.append(SpitzerProblem(
+                            name, f"{name}: superseded by the artifact-corrected "
+                                  f"'{preferred}' of the same frame"))  # fmt: skip
+                claimants = [c for c in claimants if c[1] != other]
+        claims[key] = claimants
         # archive reprocessings of one product: the newest version is used
         newest = _newest_version([n for n, _ in claimants])
         if newest is not None:

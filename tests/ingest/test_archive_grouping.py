@@ -194,3 +194,27 @@ def test_newer_archive_version_supersedes_the_older() -> None:
     assert all("_3_" in n for n in member.companions.values()) and len(member.companions) == 2
     assert sorted(p.name for p in sets.ignored) == sorted(files)
     assert all("superseded" in p.reason for p in sets.ignored)
+
+
+def test_corrected_bcd_supersedes_the_plain_one_of_the_same_frame() -> None:
+    """A frame delivered both as bcd and as the artifact-corrected cbcd (with bunc and cbunc),
+    as an IRAC download holds it: the cbcd is the frame with the cbunc as its uncertainty, the
+    plain bcd and bunc are logged, nothing is dead-lettered (the rule does not depend on the
+    instrument; MIPS-named files keep the fixture small)."""
+    files = {}
+    for kind in ("bcd", "cbcd", "bunc", "cbunc", "bbmsk"):
+        name = archive.spitzer_name(1, 3, kind)
+        files[name] = archive.product(1, dcenum=3, kind=kind, filename=name)
+    sets = group_spitzer_files(archive.headers_of(files))
+    assert not sets.problems, [p.reason for p in sets.problems]
+    (member,) = sets.groups[("MIPS", 1, archive.AORKEY, "bcd")]
+    assert member.primary.endswith("_cbcd.fits")
+    assert member.companions["bunc"].endswith("_cbunc.fits")
+    assert member.companions["mask"].endswith("_bbmsk.fits")
+    assert sorted(p.name.rsplit("_", 1)[1] for p in sets.ignored) == ["bcd.fits", "bunc.fits"]
+    assert all("artifact-corrected" in p.reason for p in sets.ignored)
+    # without the corrected unc, the plain bunc goes with the cbcd
+    del files[archive.spitzer_name(1, 3, "cbunc")]
+    sets = group_spitzer_files(archive.headers_of(files))
+    (member,) = sets.groups[("MIPS", 1, archive.AORKEY, "bcd")]
+    assert member.companions["bunc"].endswith("_bunc.fits") and not sets.problems
