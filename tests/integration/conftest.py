@@ -4,6 +4,7 @@ the default simulated MIPS AOR, shared by the integration and science-truth test
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,9 @@ def run_simulated_aor(cfg: object, root: Path) -> PipelineRun:
 
 @pytest.fixture(scope="session")
 def mips_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineRun]:
+    """The default AOR; SKYBUS_TEST_SEED=N runs the same tests on another sky (seed N)."""
     from simulator import mips
 
-    yield run_simulated_aor(mips.MipsAORConfig(), tmp_path_factory.mktemp("mips_run"))
+    seed = os.environ.get("SKYBUS_TEST_SEED")
+    cfg = mips.MipsAORConfig(seed=int(seed)) if seed else mips.MipsAORConfig()
+    yield run_simulated_aor(cfg, tmp_path_factory.mktemp("mips_run"))
