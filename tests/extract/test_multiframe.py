@@ -137,7 +137,6 @@ def test_when_the_mosaic_oversamples_its_frames() -> None:
 
 
 def test_refine_source_table_replaces_prf_columns_only() -> None:
-
     ra, dec, flux = _field(n_side=3, seed=4)
     frames = make_bcd_frames(ra, dec, flux, channel=2, ra0=RA0, dec0=DEC0, n_frames=8,
                              dither_arcsec=40.0, unc_mjysr=0.05, seed=6)
