@@ -305,6 +305,12 @@ async def collect_products(
     return written
 
 
+#: `skybus run` exit codes besides 0 (every input processed): no final product at all, or
+#: final products made while some inputs (or items) went to the dead letters.
+EXIT_NO_PRODUCTS = 1
+EXIT_PARTIAL = 3
+
+
 async def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.nats:
@@ -321,7 +327,9 @@ async def _run(args: argparse.Namespace) -> int:
                 url, store, args.paths, out_dir=out, timeout_s=args.timeout
             )
     finals = [p for p in watch.products if p.level in FINAL_LEVELS]
-    return 0 if finals else 1
+    if not finals:
+        return EXIT_NO_PRODUCTS
+    return EXIT_PARTIAL if watch.dead else 0
 
 
 async def _demo(args: argparse.Namespace) -> int:
@@ -483,6 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
         "until the pipeline is idle, then copy the final products (mosaics, source "
         "lists, quick-look PNGs) into --out and print their paths. Without --nats, "
         "an embedded nats-server and all services run for the duration.",
+        epilog=f"Exit status: 0 when every input was processed; {EXIT_PARTIAL} when final "
+        "products were made but some inputs or items could not be processed (listed "
+        f"with their reasons, also on the dead-letter subject); {EXIT_NO_PRODUCTS} when no "
+        "final product was made.",
     )
     q.add_argument("paths", nargs="+", help="input files or folders")
     bus_args(q, required=False)

@@ -151,3 +151,23 @@ def test_bands_submitted_at_different_versions_are_band_merged(tmp_path: Path) -
     m1 = next((tmp_path / "out2").glob("SPITZER_M1_*_maic.fits"))
     assert m1.name.split("_")[4] == "2"  # the 24 um mosaic's second version
     assert len(list((tmp_path / "out2").glob("*bandmerged.tbl"))) == 1, two.stdout
+
+
+def test_a_bad_file_among_good_ones_gives_products_and_exit_status_3(tmp_path: Path) -> None:
+    """Six good BCDs and a truncated seventh of the same AOR: the mosaic and the source list
+    are made from the good ones, the bad file is listed with its reason, and the exit status
+    is 3 (products made, some input not processed), so a script can tell it from a clean
+    run."""
+    from shared.cli import EXIT_PARTIAL
+
+    inputs = tmp_path / "bcds"
+    inputs.mkdir()
+    _write_bcds(inputs, np.random.default_rng(3))
+    good = sorted(inputs.glob("*_bcd.fits"))[0].read_bytes()
+    bad = inputs / "SPITZER_I1_4242_0099_0000_1_bcd.fits"
+    bad.write_bytes(good[: len(good) // 2])
+    proc = _skybus_run(inputs, tmp_path / "out", tmp_path / "data")
+    assert proc.returncode == EXIT_PARTIAL, proc.stdout + proc.stderr
+    assert len(list((tmp_path / "out").glob("*_maic.fits"))) == 1, proc.stdout
+    assert len(list((tmp_path / "out").glob("*_sources.tbl"))) == 1, proc.stdout
+    assert bad.name in proc.stdout and "truncated" in proc.stdout, proc.stdout
