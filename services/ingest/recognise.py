@@ -172,6 +172,20 @@ def recognise(
     return Recognised(kind, header, inner_name, inner, gzipped=True)
 
 
+#: Archive containers a download may come as: (magic, offset, name).
+_ARCHIVE_MAGIC = ((b"PK\x03\x04", 0, "zip"), (b"ustar", 257, "tar"), (b"BZh", 0, "bzip2"),
+                  (b"\xfd7zXZ\x00", 0, "xz"), (b"7z\xbc\xaf\x27\x1c", 0, "7z"))
+
+
+def _archive_kind(data: bytes) -> str:
+    """'zip', 'tar', ... when `data` is an archive container (not a FITS or telemetry
+    file), else ''."""
+    for magic, offset, kind in _ARCHIVE_MAGIC:
+        if data[offset : offset + len(magic)] == magic:
+            return kind
+    return ""
+
+
 def classify(name: str, data: bytes) -> tuple[InputKind, fits.Header | None]:
     """Recognise a submitted file (gzip is decompressed and its content recognised; use
     `recognise` to get the decompressed bytes); raises ValueError saying what was expected."""
@@ -203,6 +217,11 @@ def classify(name: str, data: bytes) -> tuple[InputKind, fits.Header | None]:
             "a calibration file (CALTYPE keyword), a TAUVEX attitude table or an ISOCAM EOH "
             "table (EXTNAME EOHC)"
         )
+    # an archive's members could hold any sync word: it is named before they are looked for
+    archive = _archive_kind(data)
+    if archive:
+        raise ValueError(f"a {archive} archive: unpack it and submit the folder (skybus run "
+                         "reads folders recursively)")
     # before CCSDS: the ISOCAM sync word 1A CF FC 1D would pass the CCSDS version check
     if _is_isocam_tdf(data):
         return InputKind.ISOCAM_TDF, None

@@ -74,3 +74,27 @@ def test_ccsds_needs_chained_headers(small_aor: SimulatedAOR) -> None:
     ):
         with pytest.raises(ValueError, match="unrecognised input"):
             classify("x.bin", junk)
+
+
+def test_an_archive_container_is_named_with_what_to_do() -> None:
+    """A download left packed (zip, tar, tar.gz) is refused with what it is and to unpack it,
+    not as an unrecognised input."""
+    import io
+    import tarfile
+    import zipfile
+
+    bcd = archive.product(1)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("x_bcd.fits", bcd)
+    with pytest.raises(ValueError, match="a zip archive: unpack it"):
+        recognise("download.zip", buf.getvalue())
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        info = tarfile.TarInfo("x_bcd.fits")
+        info.size = len(bcd)
+        t.addfile(info, io.BytesIO(bcd))
+    with pytest.raises(ValueError, match="a tar archive: unpack it"):
+        recognise("download.tar", buf.getvalue())
+    with pytest.raises(ValueError, match="a tar archive: unpack it"):
+        recognise("download.tar.gz", gzip.compress(buf.getvalue()))
