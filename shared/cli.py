@@ -225,7 +225,8 @@ async def submit_and_wait(
             watch.dead.append(env)
             if not quiet:
                 print(
-                    f"\n  dead letter from {env.service}: {env.item or ''} {env.reason}", flush=True
+                    f"\n  dead letter from {env.service}: {_dead_item(env)}: {env.reason}",
+                    flush=True,
                 )
 
     sub = await nc.subscribe(f"{subjects.PREFIX}.>", cb=on_msg)
@@ -301,7 +302,7 @@ async def collect_products(
         if watch.dead:
             print(f"{len(watch.dead)} item(s) could not be processed (see `skybus status`):")
             for d in watch.dead:
-                print(f"  [{d.service}] {d.item} {d.reason}")
+                print(f"  [{d.service}] {_dead_item(d)}: {d.reason}")
     return written
 
 
@@ -309,6 +310,12 @@ async def collect_products(
 #: final products made while some inputs (or items) went to the dead letters.
 EXIT_NO_PRODUCTS = 1
 EXIT_PARTIAL = 3
+
+
+def _dead_item(dl: DeadLetter) -> str:
+    """What a dead letter is about: its item, or for a whole message its subject and stream
+    sequence (`skybus status` shows it)."""
+    return dl.item or f"message {dl.subject} #{dl.stream_seq}"
 
 
 async def _run(args: argparse.Namespace) -> int:
