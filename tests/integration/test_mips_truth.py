@@ -213,10 +213,12 @@ def _noise_correlation_factor(
     sigma_px: float,
     half: int,
     valid: np.ndarray,
-    n: int = 300,
+    n: int = 3000,
 ) -> float:
     """Scatter of optimal PSF-weighted fluxes (with a constant background) on a pure-noise
-    image at random valid positions, over the munc-predicted point-source noise there."""
+    image at random valid positions, over the munc-predicted point-source noise there. (With
+    300 positions the factor moved by +-10% from sky to sky: 1.21-1.44 at 24 um, 2.04-2.59 at
+    70 um; from 3000 on it is 1.37-1.40 and 2.28-2.30 on the same skies.)"""
     rng = np.random.default_rng(3)
     ny, nx = noise.shape
     ok = np.flatnonzero(valid[half : ny - half, half : nx - half].ravel())
