@@ -154,6 +154,7 @@ def refine_on_frames(
     flux = np.where(np.isfinite(f0) & (f0 > 0), f0, 0.0)
     sky_psf = psf if psf is not None else SkyPsf(fwhm_arcsec)
     clip: list[np.ndarray | None] = [None] * nf
+    pixels: dict[tuple[int, int], _Pixels] = {}  # each frame's usable pixels, per clip mask
     cov_diag = np.full(3 * n, np.nan)
     n_frames = np.zeros(n, np.int32)
     chi2_dof = math.nan
@@ -161,7 +162,7 @@ def refine_on_frames(
         cur_ra, cur_dec = _shift(ra0, dec0, east, north)
         build = functools.partial(_linear_system, geoms, cur_ra, cur_dec, flux,
                                   psf=sky_psf, half_size_fwhm=half_size_fwhm,
-                                  fwhm_arcsec=fwhm_arcsec)
+                                  fwhm_arcsec=fwhm_arcsec, pixels=pixels)
         system = build(clip=clip)
         if system is not None and it == min(2, iterations - 1):
             # Once the model has converged (two iterations), drop the pixels it cannot explain
@@ -223,6 +224,30 @@ def _inverse_diagonal(lu: splinalg.SuperLU, size: int, first: int, chunk: int = 
     return out
 
 
+_Pixels = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _frame_pixels(g: _FrameGeometry, clip: np.ndarray | None,
+                  cache: dict[tuple[int, int], _Pixels], j: int) -> _Pixels:
+    """A frame's usable pixels (flat indices; not flagged, not clipped) with their weights,
+    data, the sky plane's basis (1, x, y in normalised pixel coordinates), the weighted basis
+    and the plane's 3x3 normal matrix: the same at every iteration until the clip mask
+    changes (cached under the mask's identity)."""
+    key = (j, id(clip) if clip is not None else 0)
+    if key not in cache:
+        ny, nx = g.shape
+        usable = g.weight > 0
+        if clip is not None:
+            usable &= ~clip
+        used = np.flatnonzero(usable)
+        basis = np.column_stack([np.ones(used.size), (used % nx - nx / 2.0) / nx,
+                                 (used // nx - ny / 2.0) / ny])
+        w = g.weight[used]
+        wb = basis * w[:, None]
+        cache[key] = (used, w, g.data[used], basis, wb, basis.T @ wb)
+    return cache[key]
+
+
 _System = tuple[sparse.csr_matrix, np.ndarray, float, int, np.ndarray, list[np.ndarray | None]]
 
 
@@ -245,6 +270,7 @@ def _linear_system(
     half_size_fwhm: float,
     fwhm_arcsec: float,
     clip: list[np.ndarray | None],
+    pixels: dict[tuple[int, int], _Pixels],
 ) -> _System | None:
     """Normal equations (J^T W J, J^T W r) of the linearised model over all frames.
 
@@ -261,7 +287,12 @@ def _linear_system(
     weight_all: list[np.ndarray] = []
     resid_z: list[np.ndarray | None] = [None] * nf
     n_frames = np.zeros(n, np.int32)
-    row0 = 0
+    row0 = 0  # sparse rows so far (stamp pixels)
+    ndata = 0  # good pixels so far (every one enters chi^2 and the sky planes)
+    chi2 = 0.0
+    sky_rows: list[np.ndarray] = []
+    sky_blocks: list[np.ndarray] = []
+    sky_rhs: list[np.ndarray] = []
     step_as = 0.5  # arcsec, for the WCS Jacobian
     for j, g in enumerate(geoms):
         ny, nx = g.shape
@@ -302,44 +333,48 @@ def _linear_system(
         frac = np.sum(np.where(good, prof, 0.0), axis=(1, 2)) / to_sb
         n_frames[src[frac >= 0.6]] += 1
         pix_flat = pidx[good]
-        # Rows: every good pixel of the frame (not only the stamps), so that the sky plane's
-        # slope is set by the whole frame and does not trade off against source positions.
-        usable = g.weight > 0
-        if clip[j] is not None:
-            usable &= ~clip[j]  # type: ignore[operator]
-        used = np.flatnonzero(usable)
+        # Every good pixel of the frame enters the sky plane's fit (so that its slope is set
+        # by the whole frame and does not trade off against source positions), but only the
+        # stamps' pixels carry source derivatives: those are the sparse rows; the rest of the
+        # frame adds to its 3x3 sky block and sky right-hand side, summed densely (the same
+        # normal equations as one row per pixel, without the rows).
+        used, w, data, basis, wb, sky_normal = _frame_pixels(g, clip[j], pixels, j)
         local = np.searchsorted(used, pix_flat)
         which = np.broadcast_to(np.arange(k)[:, None, None], good.shape)[good]
         model = np.bincount(local, weights=(f * prof)[good], minlength=used.size)
-        # Sky plane over the frame, in normalised pixel coordinates.
-        uy = (used // nx - ny / 2.0) / ny
-        ux = (used % nx - nx / 2.0) / nx
-        w = g.weight[used]
-        data = g.data[used]
-        sky_cols = 3 * n + 3 * j + np.arange(3)
-        basis = np.column_stack([np.ones(used.size), ux, uy])
         # Current sky: a weighted linear fit of data - sources (keeps the residual honest).
-        a = basis * np.sqrt(w)[:, None]
-        coef, *_ = np.linalg.lstsq(a, (data - model) * np.sqrt(w), rcond=None)
+        try:
+            coef = np.linalg.solve(sky_normal, wb.T @ (data - model))
+        except np.linalg.LinAlgError:
+            coef = np.linalg.lstsq(sky_normal, wb.T @ (data - model), rcond=None)[0]
         sources_model = model
-        model = model + basis @ coef
-        resid = data - model
+        resid = data - (sources_model + basis @ coef)
         full_z = np.zeros(ny * nx)
         # Residuals in sigma, tolerating a PSF mismatch of 10% of the source model (a bright
         # core is not an outlier because the PRF is imperfect).
         full_z[used] = resid * np.sqrt(w / (1.0 + w * (0.1 * sources_model) ** 2))
         resid_z[j] = full_z
-        rows = row0 + local
+        stamp_px, row = np.unique(local, return_inverse=True)
+        rows = row0 + row
+        sky_cols = 3 * n + 3 * j + np.arange(3)
         rows_all += [rows, rows, rows]
         cols_all += [src[which], n + src[which], 2 * n + src[which]]
         vals_all += [prof[good], d_east[good], d_north[good]]
-        rows_all += [row0 + np.arange(used.size)] * 3
-        cols_all += [np.full(used.size, c) for c in sky_cols]
-        vals_all += [basis[:, 0], basis[:, 1], basis[:, 2]]
-        resid_all.append(resid)
-        weight_all.append(w)
-        row0 += used.size
-    if row0 == 0:
+        stamp_rows = row0 + np.arange(stamp_px.size)
+        rows_all += [stamp_rows] * 3
+        cols_all += [np.full(stamp_px.size, c) for c in sky_cols]
+        vals_all += [basis[stamp_px, 0], basis[stamp_px, 1], basis[stamp_px, 2]]
+        resid_all.append(resid[stamp_px])
+        weight_all.append(w[stamp_px])
+        # The frame's pixels off the stamps: their share of the sky block and right-hand side
+        # (the whole frame's minus the stamps').
+        sky_rows.append(sky_cols)
+        sky_blocks.append(sky_normal - basis[stamp_px].T @ wb[stamp_px])
+        sky_rhs.append(wb.T @ resid - wb[stamp_px].T @ resid[stamp_px])
+        chi2 += float(np.sum(w * resid * resid))
+        ndata += used.size
+        row0 += stamp_px.size
+    if ndata == 0:
         return None
     npar = 3 * n + 3 * nf
     jac = sparse.csr_matrix(
@@ -349,11 +384,16 @@ def _linear_system(
     w = np.concatenate(weight_all)
     r = np.concatenate(resid_all)
     jw = jac.T.multiply(w).tocsr()
-    normal = (jw @ jac).tocsr()
-    rhs = jw @ r
+    sky_idx = np.concatenate(sky_rows)
+    blocks = np.stack(sky_blocks)  # (frames with pixels, 3, 3)
+    off_stamp = sparse.csr_matrix(
+        (blocks.ravel(), (np.repeat(sky_idx, 3), np.tile(sky_idx.reshape(-1, 3), 3).ravel())),
+        shape=(npar, npar))
+    normal = (jw @ jac + off_stamp).tocsr()
+    rhs = np.asarray(jw @ r).ravel()
+    rhs[sky_idx] += np.concatenate(sky_rhs)
     # The sky was re-fitted above: its step is a correction around that fit.
-    chi2 = float(np.sum(w * r * r))
-    return normal, np.asarray(rhs).ravel(), chi2, int(row0), n_frames, resid_z
+    return normal, rhs, chi2, int(ndata), n_frames, resid_z
 
 
 def frames_psf_fwhm(table_fwhm_arcsec: float, band: mips.MipsBand | None, *,
