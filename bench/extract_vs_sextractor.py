@@ -219,7 +219,8 @@ def run(mosaic: Mosaic, truth: Table, *, runs: int = 3, workdir: Path | None = N
     cats["skybus (aperture)"] = Catalogue(
         np.asarray(t["x"], float), np.asarray(t["y"], float), np.asarray(t["flux_ap"], float),
         np.asarray(t["flux_ap"], float) / np.asarray(t["delta_flux_ap"], float))
-    say(f"skybus extract_sources: median {timings['skybus'].median_s:.2f} s, {len(t)} sources")
+    say(f"skybus extract_sources: median {timings['skybus'].median_s:.2f} s, {len(t)} sources "
+        f"(PRF {t.meta.get('PRFMODEL')}, mismatch PRFMISM {t.meta.get('PRFMISM')})")
 
     mask = ~valid
     img0 = np.where(valid, img, 0.0)

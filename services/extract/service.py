@@ -37,8 +37,10 @@ class ExtractConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     #: flux, measured by the forced fit, so a further 3 sigma would make limits ~2x the noise
     upper_limit_sigma: float = 2.5
     #: refine PRF fluxes and positions on the BCDs themselves (APEX multiframe) when the
-    #: mosaic oversamples them (BCD pixel >= 1.8 mosaic pixels, e.g. MIPS 70 um): "auto",
-    #: "always" (whenever the frames are known) or "never"
+    #: mosaic oversamples them (BCD pixel >= 1.8 mosaic pixels, e.g. MIPS 70 um) or its PRF
+    #: fit measurably misses the mosaic's PSF (meta PRFMISM > 1%: e.g. a scan map whose BCD
+    #: grid is aligned with the mosaic's): "auto", "always" (whenever the frames are known)
+    #: or "never"
     multiframe: Literal["auto", "always", "never"] = "auto"
     #: PRF of the point-source fits: "auto" (the Gaussian, unless the telescope's diffraction
     #: pattern fits the bright sources better) or "gaussian"
@@ -199,13 +201,14 @@ class ExtractService(Service):
     ) -> Table:
         """The table refined on the mosaic's BCDs when configured (see ExtractConfig)."""
         from services.extract.multiframe import mosaic_oversamples_frames, refine_source_table
-        from services.extract.photometry import mips_band, pixel_scale_arcsec
+        from services.extract.photometry import MIN_PRF_MISMATCH, mips_band, pixel_scale_arcsec
 
         mode = self.config.multiframe
         manifest = ref.file("frames")
         if mode == "never" or manifest is None or len(table) == 0:
             return table
-        if mode == "auto":
+        mismatched = float(table.meta.get("PRFMISM", 0.0)) > MIN_PRF_MISMATCH
+        if mode == "auto" and not mismatched:
             # One frame's header decides; the others are read only when they will be fitted.
             members = json.loads(await ctx.read(manifest.key))["frames"]
             first = [BCDFrame.from_hdus(await ctx.read_fits(members[0]["key"]))] if members else []
