@@ -11,8 +11,8 @@ integrated over each BCD pixel, placed through that frame's own TAN-SIP WCS.
 (east, north) offset, shared by all frames, plus a sky plane per frame (BCDs are not
 sky-subtracted); the model is linearised around the current positions and solved by weighted
 least squares (Gauss-Newton, a few iterations), with every source in the fit so that
-neighbours are deblended. Uncertainties come from the inverse normal matrix, scaled by the
-reduced chi-square when it exceeds 1.
+neighbours are deblended. Uncertainties come from the inverse normal matrix, each source's
+scaled by the reduced chi-square of its own stamps when it exceeds 1.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ class MultiframeFit:
     n_frames: np.ndarray
     chi2_dof: float
     converged: np.ndarray
+    #: per source, sqrt of its stamps' reduced chi^2 (at least 1): what its uncertainties
+    #: were multiplied by
+    noise_scale: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +175,7 @@ def refine_on_frames(
             system = build(clip=clip)
         if system is None:
             return unconverged
-        normal, rhs, chi2, ndata, n_frames, _resid_z = system
+        normal, rhs, chi2, ndata, n_frames, _resid_z, src_chi2, src_npix = system
         npar = normal.shape[0]
         # A whisper of ridge: sources no frame constrains (or exact duplicates) stay finite.
         diag = normal.diagonal()
@@ -192,8 +195,15 @@ def refine_on_frames(
         chi2_dof = chi2 / max(ndata - npar, 1)
         if it == iterations - 1:
             cov_diag = _inverse_diagonal(lu, npar, 3 * n)
-    scale_err = math.sqrt(max(chi2_dof, 1.0)) if np.isfinite(chi2_dof) else 1.0
-    err = np.sqrt(np.clip(cov_diag, 0.0, None)) * scale_err
+    # Each source's uncertainties are scaled by the reduced chi^2 of its own stamps (APEX's
+    # per-source chi^2 scaling, when > 1), not by the whole fit's: a few bright sources the
+    # PSF model misses, or a source off the list on some frames, raise the global chi^2 and
+    # would inflate every other source's uncertainty with it (70 um, one simulated sky:
+    # chi^2/dof 1.92, the faint sources' errors then 0.87x their stated uncertainties).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        local = np.where(src_npix > 3, src_chi2 / np.maximum(src_npix - 3, 1), 1.0)
+    noise_scale = np.sqrt(np.maximum(np.nan_to_num(local, nan=1.0), 1.0))
+    err = np.sqrt(np.clip(cov_diag, 0.0, None)) * np.tile(noise_scale, 3)
     new_ra, new_dec = _shift(ra0, dec0, east, north)
     ok = ((n_frames > 0) & np.isfinite(flux) & (flux > 0) & np.isfinite(east) & np.isfinite(north)
           & (np.hypot(east, north) <= max_shift_fwhm * fwhm_arcsec) & np.all(np.isfinite(
@@ -208,6 +218,7 @@ def refine_on_frames(
         n_frames=n_frames,
         chi2_dof=float(chi2_dof),
         converged=ok,
+        noise_scale=noise_scale,
     )
 
 
@@ -248,7 +259,8 @@ def _frame_pixels(g: _FrameGeometry, clip: np.ndarray | None,
     return cache[key]
 
 
-_System = tuple[sparse.csr_matrix, np.ndarray, float, int, np.ndarray, list[np.ndarray | None]]
+_System = tuple[sparse.csr_matrix, np.ndarray, float, int, np.ndarray, list[np.ndarray | None],
+                np.ndarray, np.ndarray]
 
 
 def _outlier_masks(resid_z: list[np.ndarray | None], clip_sigma: float,
@@ -287,6 +299,8 @@ def _linear_system(
     weight_all: list[np.ndarray] = []
     resid_z: list[np.ndarray | None] = [None] * nf
     n_frames = np.zeros(n, np.int32)
+    src_chi2 = np.zeros(n)  # each source's stamps: chi^2 and number of pixels
+    src_npix = np.zeros(n)
     row0 = 0  # sparse rows so far (stamp pixels)
     ndata = 0  # good pixels so far (every one enters chi^2 and the sky planes)
     chi2 = 0.0
@@ -354,6 +368,8 @@ def _linear_system(
         # core is not an outlier because the PRF is imperfect).
         full_z[used] = resid * np.sqrt(w / (1.0 + w * (0.1 * sources_model) ** 2))
         resid_z[j] = full_z
+        src_chi2 += np.bincount(src[which], weights=(w * resid * resid)[local], minlength=n)
+        src_npix += np.bincount(src[which], minlength=n)
         stamp_px, row = np.unique(local, return_inverse=True)
         rows = row0 + row
         sky_cols = 3 * n + 3 * j + np.arange(3)
@@ -393,7 +409,7 @@ def _linear_system(
     rhs = np.asarray(jw @ r).ravel()
     rhs[sky_idx] += np.concatenate(sky_rhs)
     # The sky was re-fitted above: its step is a correction around that fit.
-    return normal, rhs, chi2, int(ndata), n_frames, resid_z
+    return normal, rhs, chi2, int(ndata), n_frames, resid_z, src_chi2, src_npix
 
 
 def frames_psf_fwhm(table_fwhm_arcsec: float, band: mips.MipsBand | None, *,
@@ -466,7 +482,8 @@ def refine_source_table(table: Table, frames: Sequence[BCDFrame], header: fits.H
         out["mag_vega"][:] = mag
         out["delta_mag"][:] = dmag
     out.meta.update({"PRFMODE": "MULTIFRAME", "MFFWHM": round(fwhm, 4),
-                     "MFCHI2": round(fit.chi2_dof, 4), "MFNCONV": int(ok.sum())})
+                     "MFCHI2": round(fit.chi2_dof, 4), "MFNCONV": int(ok.sum()),
+                     "MFERRSC": "per source: sqrt of its stamps' reduced chi^2 (>= 1)"})
     return out
 
 

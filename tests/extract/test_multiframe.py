@@ -200,3 +200,34 @@ def test_a_diffraction_pattern_chosen_on_the_mosaic_is_checked_on_the_bcds(sky_p
     else:
         assert out.meta["PRFMODEL"] == "obscured Airy" and out.meta["APCORR"] == airy_apcorr
         assert np.array_equal(np.asarray(out["flux_ap"]), flux)
+
+
+def test_a_misfitted_source_does_not_inflate_the_others_uncertainties() -> None:
+    """A bright listed source, on frames of its own, that is really a close pair (3" either
+    side of its position: the Gaussian PSF misses it, as it misses a saturated core or a PSF
+    the model does not know) has a large chi^2 on its stamps, and the whole fit's chi^2/dof
+    is well above 1; the other sources' uncertainties scale with their own stamps' chi^2
+    (APEX), so they stay those of the same frames with the bright source single (within 1%),
+    while its own grow."""
+    ra, dec, flux = _field(n_side=3, step_arcsec=60.0, seed=3)
+    flux = flux / 20.0
+    far_ra = RA0 + 0.3 / math.cos(math.radians(DEC0))  # 18' east: frames of its own
+    step = 3.0 / 3600.0 / math.cos(math.radians(DEC0))
+    listed = (np.r_[ra, far_ra], np.r_[dec, DEC0], np.r_[flux, 1e6])
+    field = make_bcd_frames(ra, dec, flux, channel=2, ra0=RA0, dec0=DEC0, n_frames=20,
+                            dither_arcsec=60.0, unc_mjysr=0.02, seed=9)
+    fits_ = []
+    for pair in (False, True):
+        r = [far_ra - step, far_ra + step] if pair else [far_ra]
+        f = [5e5, 5e5] if pair else [1e6]
+        far = make_bcd_frames(np.array(r), np.full(len(r), DEC0), np.array(f), channel=2,
+                              ra0=far_ra, dec0=DEC0, n_frames=10, dither_arcsec=20.0,
+                              unc_mjysr=0.02, seed=10)
+        fits_.append(refine_on_frames(*listed, field + far, fwhm_arcsec=18.0))
+    single, pair = fits_
+    assert pair.chi2_dof > 1.5 * single.chi2_dof, (pair.chi2_dof, single.chi2_dof)
+    ok = (single.converged & pair.converged)[:-1]
+    assert ok.sum() >= 7
+    ratio = pair.delta_flux[:-1][ok] / single.delta_flux[:-1][ok]
+    assert np.all(np.abs(ratio - 1.0) < 0.01), ratio
+    assert pair.delta_flux[-1] > 2.0 * single.delta_flux[-1]  # its own: the misfit counted
