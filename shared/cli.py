@@ -234,7 +234,12 @@ async def submit_and_wait(
     for i, f in enumerate(files):
         key = f"inputs/{run_id}/{i:04d}_{_safe_name(f.name)}"
         stored.append(await store.put(key, f.read_bytes(), role="input", name=f.name))
-    sub_msg = Submission(run_id=run_id, files=tuple(stored), submitted=messages.utcnow())
+    # The file list goes to the store beside the files and the message points at it: one
+    # bus message holds ~4000 files at most (NATS's default 1 MiB payload).
+    manifest = await store.put(f"inputs/{run_id}/manifest.json",
+                               messages.encode_file_list(tuple(stored)), role="manifest",
+                               name="manifest.json")
+    sub_msg = Submission(run_id=run_id, manifest=manifest, submitted=messages.utcnow())
     await js.publish(
         subjects.product_subject(subjects.Level.INPUT, "any", "submission"),
         messages.encode(sub_msg),

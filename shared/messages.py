@@ -83,11 +83,28 @@ class ProductRef(msgspec.Struct, frozen=True, kw_only=True, tag="product"):
 
 
 class Submission(msgspec.Struct, frozen=True, kw_only=True, tag="submission"):
-    """Input files placed in the store by `skybus run` (or any client) for ingest."""
+    """Input files placed in the store by `skybus run` (or any client) for ingest: listed in
+    `files`, or, for a submission too large for one bus message (~4000 files pass NATS's
+    1 MiB payload limit), in `manifest`: a JSON array of the StoredObjects in the store
+    (`encode_file_list`)."""
 
     run_id: str
-    files: tuple[StoredObject, ...]
+    files: tuple[StoredObject, ...] = ()
+    manifest: StoredObject | None = None
     submitted: str = ""
+
+
+_file_list_decoder = msgspec.json.Decoder(tuple[StoredObject, ...])
+
+
+def encode_file_list(files: tuple[StoredObject, ...]) -> bytes:
+    """A submission's manifest: the files as a JSON array."""
+    return msgspec.json.encode(files)
+
+
+def decode_file_list(data: bytes) -> tuple[StoredObject, ...]:
+    """The files of a submission's manifest; raises msgspec errors on a bad one."""
+    return _file_list_decoder.decode(data)
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True, tag="deadletter"):

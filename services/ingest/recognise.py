@@ -322,7 +322,8 @@ def _duplicates(what: str, names: list[str], hint: str = "") -> list[SpitzerProb
 
 
 def group_spitzer_files(files: list[tuple[str, fits.Header | None]]) -> SpitzerSets:
-    """Group archive files per AOR + channel; attach bunc/mask/fbcd companions to their BCD.
+    """Group archive files per AOR + channel; attach bunc/mask/fbcd companions to their BCD
+    (a frame that comes only as the median-filtered fbcd, with no bcd, is that fbcd).
 
     Of two Spitzer-named versions of one product (an archive reprocessing: `_1_` and `_2_`)
     the newer is used and the older logged; other files that claim to be the same product of
@@ -362,6 +363,11 @@ def group_spitzer_files(files: list[tuple[str, fits.Header | None]]) -> SpitzerS
             )
             continue
         claims[((inst, ch, aor, expid, dcenum), role)].append((name, kind))
+    for dce, role in [k for k in claims if k[1] == "fbcd"]:
+        # a Ge download may hold only the median-filtered BCDs (the handbook's choice for
+        # point sources): then the fbcd is the frame
+        if (dce, "bcd") not in claims:
+            claims[(dce, "bcd")] = claims.pop((dce, role))
     for key, claimants in claims.items():
         # an IRAC download holds each frame twice, as bcd and as the artifact-corrected cbcd
         # (each with its unc): the corrected one is used, the other logged

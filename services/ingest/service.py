@@ -25,8 +25,15 @@ from astropy.io import fits
 from services.ingest import recognise
 from services.ingest.recognise import InputKind
 from shared import fitsio
-from shared.errors import Skip
-from shared.messages import Envelope, Group, ObsId, StoredObject, Submission
+from shared.errors import BadData, Skip
+from shared.messages import (
+    Envelope,
+    Group,
+    ObsId,
+    StoredObject,
+    Submission,
+    decode_file_list,
+)
 from shared.quicklook import quicklook_png
 from shared.runtime import Context, ProductFile, ProductOut, Service
 from shared.subjects import Level
@@ -66,9 +73,17 @@ class IngestService(Service):
     async def handle(self, message: Envelope, ctx: Context) -> None:
         if not isinstance(message, Submission):
             raise Skip(f"ingest takes submissions, not {type(message).__name__}")
+        files = message.files
+        if message.manifest is not None:
+            try:
+                files = files + decode_file_list(await ctx.read(message.manifest.key))
+            except msgspec.MsgspecError as exc:
+                raise BadData(f"submission {message.run_id}: its manifest "
+                              f"{message.manifest.key} is not a list of stored files ({exc}); "
+                              "submit again") from exc
         inputs: list[_Input] = []
         max_gunzip_bytes = self.config.max_gunzip_mb << 20
-        for obj in message.files:
+        for obj in files:
             data = await ctx.read(obj.key)
             try:
                 found = await ctx.run(
@@ -129,6 +144,12 @@ class IngestService(Service):
             ctx.dead_letter(problem.reason, item=problem.name)
         for problem in sets.ignored:
             ctx.log.info("spitzer_product_not_used", file=problem.name, reason=problem.reason)
+        if sets.ignored:
+            # one line a user sees at the default level: superseded versions, plain bcds beside
+            # cbcds, post-BCD mosaics beside their BCDs ... (each file at info level above)
+            ctx.log.warning("spitzer_files_not_used", count=len(sets.ignored),
+                            first=[p.reason for p in sets.ignored[:3]],
+                            hint="not errors: each file and why is logged at info level")
         aor_channels = sets.aor_channels()
         for (instrument, channel, aorkey, level), members in sets.groups.items():
             channels = ",".join(map(str, aor_channels[(instrument, aorkey)]))

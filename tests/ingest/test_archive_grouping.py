@@ -218,3 +218,25 @@ def test_corrected_bcd_supersedes_the_plain_one_of_the_same_frame() -> None:
     sets = group_spitzer_files(archive.headers_of(files))
     (member,) = sets.groups[("MIPS", 1, archive.AORKEY, "bcd")]
     assert member.companions["bunc"].endswith("_bunc.fits") and not sets.problems
+
+
+def test_a_frame_given_only_as_its_filtered_bcd_is_that_fbcd() -> None:
+    """70 um frames downloaded as fbcd (the median-filtered BCD the handbook recommends for
+    point sources) with their bunc and bbmsk but no bcd: each fbcd is its frame, with its
+    companions, and nothing is dead-lettered; where a bcd is there too, the fbcd stays its
+    companion."""
+    files = {}
+    for dce in (0, 1):
+        for kind in ("fbcd", "bunc", "bbmsk"):
+            name = archive.spitzer_name(2, dce, kind)
+            files[name] = archive.product(2, dcenum=dce, kind=kind, filename=name)
+    sets = group_spitzer_files(archive.headers_of(files))
+    assert not sets.problems, [p.reason for p in sets.problems]
+    members = sets.groups[("MIPS", 2, archive.AORKEY, "bcd")]
+    assert [m.primary.rsplit("_", 1)[1] for m in members] == ["fbcd.fits", "fbcd.fits"]
+    assert all(set(m.companions) == {"bunc", "mask"} for m in members)
+    bcd = archive.spitzer_name(2, 0, "bcd")
+    files[bcd] = archive.product(2, dcenum=0, kind="bcd", filename=bcd)
+    sets = group_spitzer_files(archive.headers_of(files))
+    first = sets.groups[("MIPS", 2, archive.AORKEY, "bcd")][0]
+    assert first.primary == bcd and first.companions["fbcd"].endswith("_fbcd.fits")
