@@ -14,7 +14,7 @@ from services.extract.jit import kernel
 
 
 def _clipped_mesh_stats(
-    cells: np.ndarray, *, nsigma: float, n_iter: int
+    cells: np.ndarray, *, nsigma: float, n_iter: int, wing_rms_factor: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sigma-clipped level, RMS and number of kept values of each row of `cells` (NaN =
     absent).
@@ -23,40 +23,26 @@ def _clipped_mesh_stats(
     contiguous run of the sorted row, whose ends are found by bisection and whose median is
     an index (`_clipped_sorted_rows`, compiled). Level: the SExtractor mode estimate
     2.5 median - 1.5 mean of the kept values, or their median where the cell is crowded
-    (|mean - median| >= 0.3 sigma); NaN where no value is kept; RMS NaN below two values.
+    (|mean - median| >= 0.3 sigma) or, with `wing_rms_factor`, holds a bright source's wings
+    (RMS > that factor x the median row's: the wings survive the clip and inflate the sigma
+    the crowding test uses, and their skew is not the faint-source skew the mode corrects);
+    NaN where no value is kept; RMS NaN below two values.
     """
     cells.sort(axis=1)  # NaNs sort last: a row's finite values are its first `nvalid`
-    level, std, cnt = _clipped_sorted_rows(cells, float(nsigma), int(n_iter))
-    return level, std, cnt
+    med, mean, std, cnt = _clipped_sorted_rows(cells, float(nsigma), int(n_iter))
+    rms = np.where(cnt > 1, std, np.nan)
+    crowded = np.abs(mean - med) >= 0.3 * np.maximum(std, 1e-30)
+    if wing_rms_factor is not None and np.any(np.isfinite(rms)):
+        with np.errstate(invalid="ignore"):
+            crowded |= rms > wing_rms_factor * float(np.nanmedian(rms))
+    level = np.where(cnt > 0, np.where(crowded, med, 2.5 * med - 1.5 * mean), np.nan)
+    return level, rms, cnt
 
 
 #: A cell whose clipped RMS exceeds the image's typical one by this factor holds the wings of
-#: a bright source (they survive a 3-sigma clip whose sigma they inflate).
+#: a bright source (next to a source of S/N 10^5 the mode came out 0.44 sigma below the sky,
+#: and noise peaks beside it were detected): it takes its clipped median.
 WING_RMS_FACTOR = 1.3
-
-
-def _median_where_wings(level: np.ndarray, rms: np.ndarray, cells: np.ndarray, *,
-                        nsigma: float, n_iter: int) -> None:
-    """Give the cells that hold a bright source's wings (clipped RMS > `WING_RMS_FACTOR` x
-    the median cell's) their clipped median instead of the mode estimate, in place. The
-    wings' skew is not the faint-source skew the mode 2.5 median - 1.5 mean corrects, and
-    their inflated sigma lets it pass the crowding test: next to a source of S/N 10^5 the
-    mode came out 0.44 sigma below the sky, and noise peaks beside it were detected. `cells`
-    holds each cell's values sorted (NaN last), as `_clipped_mesh_stats` leaves them."""
-    finite = np.isfinite(rms)
-    if not np.any(finite):
-        return
-    typical = float(np.median(rms[finite]))
-    for r in np.flatnonzero(finite & (rms > WING_RMS_FACTOR * typical)):
-        v = cells[r][np.isfinite(cells[r])]
-        keep = v
-        for _ in range(n_iter):
-            med, std = float(np.median(keep)), float(np.std(keep))
-            kept = v[np.abs(v - med) <= nsigma * std]
-            if kept.size == keep.size or kept.size < 2:
-                break
-            keep = kept
-        level[r] = float(np.median(keep))
 
 
 @kernel
@@ -75,13 +61,14 @@ def _count_below(row: np.ndarray, n: int, value: float, inclusive: bool) -> int:
 @kernel
 def _clipped_sorted_rows(
     s: np.ndarray, nsigma: float, n_iter: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`_clipped_mesh_stats` of rows already sorted ascending (NaNs last): per row, up to
-    `n_iter` clips at median +- nsigma x RMS of the kept run, stopping when the run no longer
-    changes."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Median, mean, RMS and count of the kept run of rows already sorted ascending (NaNs
+    last): per row, up to `n_iter` clips at median +- nsigma x RMS of the kept run, stopping
+    when the run no longer changes (`_clipped_mesh_stats` makes the level of them)."""
     nrow, ncol = s.shape
     last = ncol - 1
-    level = np.empty(nrow)
+    median = np.empty(nrow)
+    average = np.empty(nrow)
     rms = np.empty(nrow)
     count = np.empty(nrow, dtype=np.int64)
     for r in range(nrow):
@@ -123,13 +110,11 @@ def _clipped_sorted_rows(
         # sigma.
         if nsigma == 3.0:
             std = std / 0.9866
-        # Sources skew the distribution upwards: the SExtractor mode estimate corrects for
-        # that, unless the skew is large (crowded cell), where the median is the safer choice.
-        use_mode = abs(mean - med) < 0.3 * max(std, 1e-30)
-        level[r] = (2.5 * med - 1.5 * mean if use_mode else med) if cnt > 0 else np.nan
-        rms[r] = std if cnt > 1 else np.nan
+        median[r] = med
+        average[r] = mean
+        rms[r] = std
         count[r] = cnt
-    return level, rms, count
+    return median, average, rms, count
 
 
 def estimate_background(
@@ -179,8 +164,8 @@ def estimate_background(
     rows_in = np.clip(ny - np.arange(gy) * by, 0, by)
     cols_in = np.clip(nx - np.arange(gx) * bx, 0, bx)
     area = (rows_in[:, None] * cols_in[None, :]).ravel()
-    level, rms, cnt = _clipped_mesh_stats(cells, nsigma=nsigma, n_iter=5)
-    _median_where_wings(level, rms, cells, nsigma=nsigma, n_iter=5)
+    level, rms, cnt = _clipped_mesh_stats(cells, nsigma=nsigma, n_iter=5,
+                                          wing_rms_factor=WING_RMS_FACTOR)
     # Where in each cell its usable pixels are: on a sloped sky, a cell cut by the coverage
     # edge measures the level at the centroid of its pixels, not at its centre.
     # Sums of the usable pixels' row and column indices per cell, separably (integers: exact).
