@@ -65,9 +65,6 @@ class MultiframeFit:
     n_frames: np.ndarray
     chi2_dof: float
     converged: np.ndarray
-    #: per source, sqrt of its stamps' reduced chi^2 (at least 1): what its uncertainties
-    #: were multiplied by
-    noise_scale: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +154,6 @@ def refine_on_frames(
     flux = np.where(np.isfinite(f0) & (f0 > 0), f0, 0.0)
     sky_psf = psf if psf is not None else SkyPsf(fwhm_arcsec)
     clip: list[np.ndarray | None] = [None] * nf
-    pixels: dict[tuple[int, int], _Pixels] = {}  # each frame's usable pixels, per clip mask
     cov_diag = np.full(3 * n, np.nan)
     n_frames = np.zeros(n, np.int32)
     chi2_dof = math.nan
@@ -165,7 +161,7 @@ def refine_on_frames(
         cur_ra, cur_dec = _shift(ra0, dec0, east, north)
         build = functools.partial(_linear_system, geoms, cur_ra, cur_dec, flux,
                                   psf=sky_psf, half_size_fwhm=half_size_fwhm,
-                                  fwhm_arcsec=fwhm_arcsec, pixels=pixels)
+                                  fwhm_arcsec=fwhm_arcsec)
         system = build(clip=clip)
         if system is not None and it == min(2, iterations - 1):
             # Once the model has converged (two iterations), drop the pixels it cannot explain
@@ -218,7 +214,6 @@ def refine_on_frames(
         n_frames=n_frames,
         chi2_dof=float(chi2_dof),
         converged=ok,
-        noise_scale=noise_scale,
     )
 
 
@@ -235,28 +230,23 @@ def _inverse_diagonal(lu: splinalg.SuperLU, size: int, first: int, chunk: int = 
     return out
 
 
-_Pixels = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
-
-def _frame_pixels(g: _FrameGeometry, clip: np.ndarray | None,
-                  cache: dict[tuple[int, int], _Pixels], j: int) -> _Pixels:
+def _frame_pixels(g: _FrameGeometry, clip: np.ndarray | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                             np.ndarray]:
     """A frame's usable pixels (flat indices; not flagged, not clipped) with their weights,
     data, the sky plane's basis (1, x, y in normalised pixel coordinates), the weighted basis
-    and the plane's 3x3 normal matrix: the same at every iteration until the clip mask
-    changes (cached under the mask's identity)."""
-    key = (j, id(clip) if clip is not None else 0)
-    if key not in cache:
-        ny, nx = g.shape
-        usable = g.weight > 0
-        if clip is not None:
-            usable &= ~clip
-        used = np.flatnonzero(usable)
-        basis = np.column_stack([np.ones(used.size), (used % nx - nx / 2.0) / nx,
-                                 (used // nx - ny / 2.0) / ny])
-        w = g.weight[used]
-        wb = basis * w[:, None]
-        cache[key] = (used, w, g.data[used], basis, wb, basis.T @ wb)
-    return cache[key]
+    and the plane's 3x3 normal matrix. (Not kept across iterations: for thousands of frames
+    that would hold ~70 bytes per pixel, for no measurable gain.)"""
+    ny, nx = g.shape
+    usable = g.weight > 0
+    if clip is not None:
+        usable &= ~clip
+    used = np.flatnonzero(usable)
+    basis = np.column_stack([np.ones(used.size), (used % nx - nx / 2.0) / nx,
+                             (used // nx - ny / 2.0) / ny])
+    w = g.weight[used]
+    wb = basis * w[:, None]
+    return used, w, g.data[used], basis, wb, basis.T @ wb
 
 
 _System = tuple[sparse.csr_matrix, np.ndarray, float, int, np.ndarray, list[np.ndarray | None],
@@ -282,7 +272,6 @@ def _linear_system(
     half_size_fwhm: float,
     fwhm_arcsec: float,
     clip: list[np.ndarray | None],
-    pixels: dict[tuple[int, int], _Pixels],
 ) -> _System | None:
     """Normal equations (J^T W J, J^T W r) of the linearised model over all frames.
 
@@ -352,7 +341,7 @@ def _linear_system(
         # stamps' pixels carry source derivatives: those are the sparse rows; the rest of the
         # frame adds to its 3x3 sky block and sky right-hand side, summed densely (the same
         # normal equations as one row per pixel, without the rows).
-        used, w, data, basis, wb, sky_normal = _frame_pixels(g, clip[j], pixels, j)
+        used, w, data, basis, wb, sky_normal = _frame_pixels(g, clip[j])
         local = np.searchsorted(used, pix_flat)
         which = np.broadcast_to(np.arange(k)[:, None, None], good.shape)[good]
         model = np.bincount(local, weights=(f * prof)[good], minlength=used.size)
