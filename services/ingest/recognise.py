@@ -36,7 +36,7 @@ UNC_TYPES = {"bunc", "cbunc"}
 #: (used, logged) when one frame comes both ways: IRAC's corrected BCD and its unc.
 CORRECTED_OVER_PLAIN = (("cbcd", "bcd"), ("cbunc", "bunc"))
 MASK_TYPES = {"bbmsk", "bmask", "bimsk"}
-FILTERED_TYPES = {"fbcd"}  #: Ge median-filtered BCD (carried, not used by mosaic)
+FILTERED_TYPES = {"fbcd"}  #: Ge median-filtered BCD (a companion; the frame when no bcd came)
 #: Known Spitzer per-DCE products the pipeline does not use: logged, not dead-lettered.
 UNUSED_TYPES = {"ebcd", "brmsk", "rmask"}
 BCD_TYPES = PRIMARY_BCD_TYPES | FILTERED_TYPES | {"ebcd"}
